@@ -1,0 +1,32 @@
+# gsq: `make install eval` on a fresh machine, then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data
+MODEL ?= models/tiny-deepseek-v3
+SEQLEN ?= 256
+
+.PHONY: install eval test fixture fixture-report
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[lm-eval,dev]'
+
+# WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
+eval:
+	$(PY) -m gsq.eval --model $(MODEL) --data-file $(DATA)/wikitext-2-raw/wiki.test.raw --seqlen $(SEQLEN)
+
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test:
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# Re-train the bundled tiny MoE (about an hour on 2 CPU cores; deterministic).
+fixture:
+	$(PY) models/train_tiny_moe.py --out $(MODEL)
+
+# Perplexity of the fixture with and without its routed experts (eval/results/fixture.json).
+fixture-report:
+	$(PY) eval/fixture_report.py --model $(MODEL) --data-file $(DATA)/wikitext-2-raw/wiki.test.raw

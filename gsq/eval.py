@@ -1,0 +1,199 @@
+"""WikiText-2 perplexity of a model directory, its fidelity to a reference model, and lm-eval tasks.
+
+    python -m gsq.eval --model DIR [--reference DIR] [--data-file PATH] [--seqlen 2048]
+                       [--max-windows N] [--device auto] [--json] [--tasks arc_easy,...]
+
+Perplexity follows the protocol of GPTQ, AutoRound and llm-compressor: the test rows joined with
+"\\n\\n", tokenized once without special tokens, cut into non-overlapping windows of `seqlen` tokens
+(the last partial window dropped), exp of the mean next-token NLL over all windows.
+
+Fidelity (`--reference`, the original model) is measured on the same windows: mean over predicted
+positions of KL(reference || model) of the next-token distributions, and top-1 agreement (the
+fraction of positions where both models' most likely next token is the same). At 2 bits these
+rank quantizers where perplexity cannot.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gsq.errors import InputError, run_cli
+
+WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
+
+
+def wikitext_rows(data_file: str | None = None) -> list[str]:
+    """The WikiText-2 raw test split as the Hub's `text` rows, from the Hub or a local release file.
+
+    A local file maps line by line: a blank (whitespace-only) line is the row "", any other line is
+    the row `line + "\\n"`; this reproduces the Hub split exactly (4358 rows, 1467 empty).
+    """
+    if data_file is None:
+        try:
+            import datasets
+
+            return list(datasets.load_dataset(*WIKITEXT_HUB[:2], split=WIKITEXT_HUB[2])["text"])
+        except Exception as exc:  # offline, hub down, dataset renamed
+            raise InputError(f"could not load {'/'.join(WIKITEXT_HUB)} from the Hub ({type(exc).__name__}); "
+                             "pass --data-file PATH to a local wiki.test.raw") from exc
+    path = Path(data_file)
+    if not path.is_file():
+        raise InputError(f"data file not found: {data_file}")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":  # the file's final newline ends the last line, it is not a row
+        lines.pop()
+    return ["" if not line.strip() else line + "\n" for line in lines]
+
+
+def eval_windows(tokenizer, rows: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Token windows `[n, seqlen]`: rows joined with "\\n\\n", tokenized once, non-overlapping."""
+    ids = tokenizer("\n\n".join(rows), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, reference=None, device="cpu", progress=True) -> dict:
+    """Perplexity of `model` on `windows`; with `reference`, also mean KL(reference || model) and top-1.
+
+    Every window predicts its tokens 1..seqlen-1 from the tokens before them; all predicted
+    positions of all windows weigh the same.
+    """
+    nll = kl = agree = 0.0
+    count = 0
+    for window in tqdm(windows, desc="eval", unit="window", disable=not progress, file=sys.stderr):
+        ids = window[None].to(device)
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        nll += -logp.gather(1, targets[:, None]).sum().item()
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    result = {"ppl": math.exp(nll / count), "nll": nll / count, "windows": len(windows), "tokens": count}
+    if reference is not None:
+        result.update(kl=kl / count, top1=agree / count)
+    return result
+
+
+def check_model_dir(path: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"model directory not found: {path}")
+    if not (root / "config.json").is_file():
+        raise InputError(f"not a model directory (no config.json): {path}")
+    return root
+
+
+def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
+    """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    return model, tokenizer
+
+
+def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None,
+              limit: float | None = None, batch_size: int = 1, device: str = "cpu") -> dict:
+    """lm-eval tasks on an already loaded model, through lm-eval's own HF model class."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise InputError("--tasks needs lm-eval: pip install 'gsq[lm-eval]'") from exc
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise InputError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
+    return out["results"]
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name} asked for, but no CUDA device is available")
+    return name
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gsq.eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model directory (original or compressed-tensors)")
+    ap.add_argument("--reference", help="original model directory: adds KL(reference || model) and top-1")
+    ap.add_argument("--data-file", help="local wiki.test.raw (default: the Hub's wikitext-2-raw-v1 test)")
+    ap.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
+    ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    ap.add_argument("--tasks", help="comma-separated lm-eval tasks, run after the perplexity")
+    ap.add_argument("--tasks-include", help="directory of extra lm-eval task YAMLs")
+    ap.add_argument("--tasks-limit", type=float, help="lm-eval examples per task (or fraction)")
+    ap.add_argument("--skip-ppl", action="store_true", help="run only --tasks")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = ap.parse_args(argv)
+    if args.seqlen < 2:
+        ap.error("--seqlen must be at least 2")
+    if args.max_windows is not None and args.max_windows < 1:
+        ap.error("--max-windows must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    for path in filter(None, [args.model, args.reference]):
+        check_model_dir(path)  # cheap checks before any data or weights are loaded
+    rows = None if args.skip_ppl else wikitext_rows(args.data_file)
+    model, tokenizer = load_model(args.model, device, args.dtype)
+    result = {"model": args.model, "seqlen": args.seqlen}
+    if rows is not None:
+        reference = None
+        if args.reference:
+            reference, _ = load_model(args.reference, device, args.dtype)
+            if reference.config.vocab_size != model.config.vocab_size:
+                raise InputError(f"--reference {args.reference} has a different vocabulary than {args.model}")
+            result["reference"] = args.reference
+        windows = eval_windows(tokenizer, rows, args.seqlen, args.max_windows)
+        result.update(evaluate(model, windows, reference, device, progress=not args.json))
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["tasks"] = run_tasks(model, tokenizer, tasks, args.tasks_include, args.tasks_limit, device=device)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return
+    if "ppl" in result:
+        line = f"{args.model}: ppl {result['ppl']:.3f} ({result['windows']} windows x {args.seqlen} tokens)"
+        if "kl" in result:
+            line += f", KL {result['kl']:.5f}, top-1 {100 * result['top1']:.2f}% vs {args.reference}"
+        print(line)
+    for task, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
