@@ -6,7 +6,7 @@ DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
 SEQLEN ?= 256
 
-.PHONY: install eval test fixture fixture-report
+.PHONY: install eval test bench fixture fixture-report
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ eval:
 test:
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# Kernel vs eager-reference timings at Kimi-K2.5 expert shapes (needs a CUDA GPU; JSON under eval/results/).
+bench:
+	$(PY) eval/bench_kernels.py
 
 # Re-train the bundled tiny MoE (about an hour on 2 CPU cores; deterministic).
 fixture:

@@ -1,0 +1,316 @@
+"""Fused Gumbel-Softmax fake-quant: soft weights forward, logit and scale gradients backward.
+
+GSQ's hot spot (../shared/docs/gsq-method.md). Per weight (row m, column n) there are L logits
+`l[m, n, k]`, one per grid level `v[k]` (or, with `base` codes, per local shift: level
+`base[m, n] + v[k]`, levels outside [qmin, qmax] excluded). With Gumbel noise `g`:
+
+    p[k] = softmax_k((kappa * l[k] + g[k]) / tau)
+    w~   = s[m, n // G] * sum_k p[k] * v[k]                                  (forward)
+    u[k] = s * v[k] * dL/dw~
+    dL/dl[k] = (kappa / tau) * p[k] * (u[k] - sum_j p[j] u[j])               (backward)
+    dL/ds    = sum over the group of dL/dw~ * sum_k p[k] v[k]
+
+The noise is never stored: it is a function of (seed of the expert, index of the logit inside the
+expert), drawn in-kernel by Philox in the forward and drawn again, bit for bit, in the backward.
+On CPU (no interpreter) the reference runs, with noise from a torch.Generator seeded the same way.
+
+Layouts: logits `[E, out, in, L]` (L innermost: one weight's logits are contiguous, a tile of a
+row block and a group is one contiguous run per row), scales `[E, out, in / G]` fp32, seeds `[E]`
+int64; 2-D weights are `E = 1` views.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ct(t):
+    """Compute dtype of the references: float64 stays float64 (for gradient checks), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def levels_ref(grid, base=None, qmin=None, qmax=None, dtype=torch.float32):
+    """Level values `[..., L]` and a validity mask: the grid itself, or base codes plus local shifts."""
+    grid = grid.to(dtype)
+    if base is None:
+        return grid, torch.ones_like(grid, dtype=torch.bool)
+    values = base.to(dtype)[..., None] + grid
+    return values, (values >= qmin) & (values <= qmax)
+
+
+def gumbel_ref(seeds, shape, device="cpu"):
+    """Gumbel noise `[E, *shape]` for the CPU path: expert e draws from torch.Generator(seeds[e])."""
+    out = []
+    for seed in seeds.tolist():
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        u = torch.rand(shape, generator=gen).clamp_(min=1e-20)
+        out.append(-torch.log(-torch.log(u)))
+    return torch.stack(out).to(device)
+
+
+def _probs_ref(logits, tau, kappa, noise, valid):
+    z = (kappa * logits.to(_ct(logits)) + noise.to(_ct(logits))) / tau
+    return torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)
+
+
+def soft_weights_ref(logits, scales, grid, tau, kappa, noise, base=None, qmin=None, qmax=None, out_dtype=None):
+    """Soft weights `[E, out, in]` (eq. of the relaxed forward); `noise` has the logits' shape."""
+    values, valid = levels_ref(grid, base, qmin, qmax, _ct(logits))
+    p = _probs_ref(logits, tau, kappa, noise, valid)
+    group = logits.shape[-2] // scales.shape[-1]
+    w = scales.to(_ct(logits)).repeat_interleave(group, dim=-1) * (p * values).sum(-1)
+    return w.to(out_dtype or logits.dtype)
+
+
+def soft_weights_bwd_ref(grad_w, logits, scales, grid, tau, kappa, noise, base=None, qmin=None, qmax=None):
+    """(dlogits, dscales) for upstream `grad_w`, by the closed-form gradient above."""
+    values, valid = levels_ref(grid, base, qmin, qmax, _ct(logits))
+    p = _probs_ref(logits, tau, kappa, noise, valid)
+    group = logits.shape[-2] // scales.shape[-1]
+    dw = grad_w.to(_ct(logits))
+    s = scales.to(_ct(logits)).repeat_interleave(group, dim=-1)
+    u = (s * dw)[..., None] * values
+    dlogits = (kappa / tau) * p * (u - (p * u).sum(-1, keepdim=True))
+    wq = (p * values).sum(-1)
+    dscales = (dw * wq).unflatten(-1, (-1, group)).sum(-1)
+    return dlogits.to(logits.dtype), dscales
+
+
+def hard_codes_ref(logits, scales, grid, base=None, qmin=None, qmax=None):
+    """Argmax of the logits (no noise): int8 codes `[E, out, in]` and the dequantized weight (fp32)."""
+    values, valid = levels_ref(grid, base, qmin, qmax)
+    k = logits.float().masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
+    codes = values.expand_as(logits).gather(-1, k)[..., 0] if base is not None else values[k[..., 0]]
+    group = logits.shape[-2] // scales.shape[-1]
+    return codes.to(torch.int8), scales.float().repeat_interleave(group, dim=-1) * codes
+
+
+@triton.jit
+def _tile(logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
+          tau, kappa, HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
+          BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One (row block, group) tile: probabilities p [BLOCK_M, G, BLOCK_L], level values, offsets."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_g * G + tl.arange(0, G)
+    offs_k = tl.arange(0, BLOCK_L)
+    mask_m = offs_m < M
+    offs_w = offs_m[:, None] * N + offs_n[None, :]  # weight index inside the expert
+    offs_l = offs_w[:, :, None] * L + offs_k[None, None, :]  # logit index inside the expert
+    mask = mask_m[:, None, None] & (offs_k < L)[None, None, :]
+    base_e = pid_e.to(tl.int64) * M * N * L
+    x = tl.load(logits_ptr + base_e + offs_l, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        g = tl.load(noise_ptr + base_e + offs_l, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u = tl.maximum(tl.rand(seed, offs_l), 1e-20)
+        g = -tl.log(-tl.log(u))
+    v = tl.load(grid_ptr + offs_k, mask=offs_k < L, other=0.0)[None, None, :]
+    valid = (offs_k < L)[None, None, :]  # rows past M load zeros: finite, masked at the store
+    if HAS_BASE:
+        b = tl.load(base_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0)
+        v = b.to(tl.float32)[:, :, None] + v
+        valid = valid & (v >= qmin) & (v <= qmax)
+    z = tl.where(valid, (kappa * x + g) / tau, float("-inf"))
+    z = z - tl.max(z, axis=2)[:, :, None]
+    e = tl.where(valid, tl.exp(z), 0.0)
+    p = e / tl.sum(e, axis=2)[:, :, None]
+    return p, v, offs_m, offs_w, offs_l, mask_m
+
+
+@triton.jit
+def _soft_weights_fwd_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, out_ptr,
+                             M, N, L, qmin, qmax, tau, kappa,
+                             HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seed = tl.load(seeds_ptr + pid_e)
+    p, v, offs_m, offs_w, offs_l, mask_m = _tile(
+        logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
+        tau, kappa, HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
+    n_groups = N // G
+    s = tl.load(scales_ptr + pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g, mask=mask_m, other=0.0)
+    w = s[:, None] * tl.sum(p * v, axis=2)
+    tl.store(out_ptr + pid_e.to(tl.int64) * M * N + offs_w, w.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@triton.jit
+def _soft_weights_bwd_kernel(grad_ptr, logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr,
+                             dlogits_ptr, dscales_ptr, M, N, L, qmin, qmax, tau, kappa,
+                             HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seed = tl.load(seeds_ptr + pid_e)
+    p, v, offs_m, offs_w, offs_l, mask_m = _tile(
+        logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
+        tau, kappa, HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
+    n_groups = N // G
+    offs_s = pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g
+    s = tl.load(scales_ptr + offs_s, mask=mask_m, other=0.0)
+    dw = tl.load(grad_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0.0).to(tl.float32)
+    u = (s[:, None] * dw)[:, :, None] * v
+    dl = (kappa / tau) * p * (u - tl.sum(p * u, axis=2)[:, :, None])
+    mask = mask_m[:, None, None] & (tl.arange(0, BLOCK_L) < L)[None, None, :]
+    tl.store(dlogits_ptr + pid_e.to(tl.int64) * M * N * L + offs_l, dl.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    ds = tl.sum(dw * tl.sum(p * v, axis=2), axis=1)
+    tl.store(dscales_ptr + offs_s, ds, mask=mask_m)
+
+
+@triton.jit
+def _gumbel_kernel(seeds_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """The noise exactly as the fake-quant kernels draw it, written out (tests and debugging only)."""
+    pid_e, pid = tl.program_id(0), tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    u = tl.maximum(tl.rand(tl.load(seeds_ptr + pid_e), offs), 1e-20)
+    tl.store(out_ptr + pid_e.to(tl.int64) * numel + offs, -tl.log(-tl.log(u)), mask=offs < numel)
+
+
+@triton.jit
+def _hard_codes_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, codes_ptr, deq_ptr, M, N, L, qmin, qmax,
+                       HAS_BASE: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_g * G + tl.arange(0, G)
+    offs_k = tl.arange(0, BLOCK_L)
+    mask_m = offs_m < M
+    offs_w = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None, None] & (offs_k < L)[None, None, :]
+    x = tl.load(logits_ptr + pid_e.to(tl.int64) * M * N * L + offs_w[:, :, None] * L + offs_k[None, None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(grid_ptr + offs_k, mask=offs_k < L, other=0.0)[None, None, :]
+    valid = (offs_k < L)[None, None, :]  # rows past M load zeros: finite, masked at the store
+    if HAS_BASE:
+        b = tl.load(base_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0)
+        v = b.to(tl.float32)[:, :, None] + v
+        valid = valid & (v >= qmin) & (v <= qmax)
+    x = tl.where(valid, x, float("-inf"))
+    k = tl.argmax(x, axis=2)  # first maximum, like torch.argmax
+    code = tl.sum(tl.where(offs_k[None, None, :] == k[:, :, None], v, 0.0), axis=2)
+    n_groups = N // G
+    s = tl.load(scales_ptr + pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g, mask=mask_m, other=0.0)
+    tl.store(codes_ptr + pid_e.to(tl.int64) * M * N + offs_w, code.to(tl.int8), mask=mask_m[:, None])
+    tl.store(deq_ptr + pid_e.to(tl.int64) * M * N + offs_w, s[:, None] * code, mask=mask_m[:, None])
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or INTERPRET
+
+
+def _prepare(logits, scales, grid, seeds, base):
+    """Validate and view everything as `[E, ...]`; returns tensors, (E, M, N, L), group size."""
+    if logits.dim() not in (3, 4):
+        raise ValueError(f"logits must be [out, in, L] or [E, out, in, L], got {tuple(logits.shape)}")
+    squeeze = logits.dim() == 3
+    if squeeze:
+        logits, scales = logits[None], scales[None]
+        base = None if base is None else base[None]
+    E, M, N, L = logits.shape
+    if scales.shape[:2] != (E, M) or scales.dim() != 3 or N % scales.shape[-1]:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit logits {tuple(logits.shape)}")
+    group = N // scales.shape[-1]
+    if group & (group - 1):
+        raise ValueError(f"group size must be a power of two, got {group}")
+    if grid.numel() != L:
+        raise ValueError(f"grid has {grid.numel()} levels, logits have {L}")
+    if base is not None and base.shape != (E, M, N):
+        raise ValueError(f"base codes {tuple(base.shape)} do not fit logits {tuple(logits.shape)}")
+    if M * N * L >= 2**31:
+        raise ValueError("one expert's logits must have fewer than 2**31 elements")
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(logits.device)
+    if seeds.numel() != E:
+        raise ValueError(f"need one seed per expert ({E}), got {seeds.numel()}")
+    grid = grid.to(device=logits.device, dtype=torch.float32).contiguous()
+    scales = scales.float().contiguous()
+    base = None if base is None else base.to(torch.int8).contiguous()
+    return logits.contiguous(), scales, grid, seeds, base, (E, M, N, L), group, squeeze
+
+
+def _launch_grid(E, M, N, group, block_m):
+    return (E, triton.cdiv(M, block_m), N // group)
+
+
+BLOCK_M = 8
+
+
+class _SoftWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, scales, grid, tau, kappa, seeds, base, qmin, qmax, out_dtype, noise):
+        E, M, N, L = logits.shape
+        group = N // scales.shape[-1]
+        ctx.save_for_backward(logits, scales, grid, seeds, base, noise)
+        ctx.args = (tau, kappa, qmin, qmax)
+        if not _use_triton(logits):
+            noise = gumbel_ref(seeds, (M, N, L), logits.device) if noise is None else noise
+            return soft_weights_ref(logits, scales, grid, tau, kappa, noise, base, qmin, qmax, out_dtype)
+        out = torch.full((E, M, N), float("nan"), device=logits.device, dtype=out_dtype)
+        _soft_weights_fwd_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
+            logits, scales, grid, base if base is not None else seeds, seeds,
+            noise if noise is not None else logits, out, M, N, L, qmin, qmax, float(tau), float(kappa),
+            HAS_NOISE=noise is not None, HAS_BASE=base is not None,
+            BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        logits, scales, grid, seeds, base, noise = ctx.saved_tensors
+        tau, kappa, qmin, qmax = ctx.args
+        E, M, N, L = logits.shape
+        group = N // scales.shape[-1]
+        grad_w = grad_w.contiguous()
+        if not _use_triton(logits):
+            noise = gumbel_ref(seeds, (M, N, L), logits.device) if noise is None else noise  # drawn again
+            dlogits, dscales = soft_weights_bwd_ref(grad_w, logits, scales, grid, tau, kappa, noise, base, qmin, qmax)
+        else:
+            dlogits = torch.full_like(logits, float("nan"))
+            dscales = torch.full_like(scales, float("nan"))
+            _soft_weights_bwd_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
+                grad_w, logits, scales, grid, base if base is not None else seeds, seeds,
+                noise if noise is not None else logits, dlogits, dscales, M, N, L, qmin, qmax,
+                float(tau), float(kappa), HAS_NOISE=noise is not None, HAS_BASE=base is not None,
+                BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+        return dlogits, dscales, None, None, None, None, None, None, None, None, None
+
+
+def soft_weights(logits, scales, grid, tau, kappa, seeds, base=None, qmin=-128, qmax=127,
+                 out_dtype=None, noise=None):
+    """Differentiable soft weights `[(E,) out, in]` from logits `[(E,) out, in, L]` and scales.
+
+    `seeds`: one int per expert (an int for 2-D); the same seeds give the same noise. `noise`
+    (same shape as the logits) replaces the drawn noise: a test hook. Gradients flow to
+    `logits` and `scales` (fp32); the noise is re-generated in the backward, never stored.
+    """
+    logits, scales, grid, seeds, base, _, _, squeeze = _prepare(logits, scales, grid, seeds, base)
+    if noise is not None:
+        noise = (noise[None] if squeeze else noise).float().contiguous()
+    w = _SoftWeights.apply(logits, scales, grid, tau, kappa, seeds, base, qmin, qmax, out_dtype or logits.dtype, noise)
+    return w[0] if squeeze else w
+
+
+def gumbel_noise(seeds, shape, device):
+    """The noise that `soft_weights` draws for these seeds: `[E, *shape]` (shape = one expert's logits)."""
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(device)
+    if not (torch.device(device).type == "cuda" or INTERPRET):
+        return gumbel_ref(seeds, shape, device)
+    numel = int(torch.tensor(shape).prod())
+    out = torch.full((seeds.numel(), *shape), float("nan"), device=device)
+    _gumbel_kernel[(seeds.numel(), triton.cdiv(numel, 1024))](seeds, out, numel, BLOCK=1024)
+    return out
+
+
+@torch.no_grad()
+def hard_codes(logits, scales, grid, base=None, qmin=-128, qmax=127):
+    """Final codes: argmax of the logits (no noise) -> int8 codes and dequantized weight (fp32)."""
+    experts = 1 if logits.dim() == 3 else logits.shape[0]
+    logits, scales, grid, _, base, (E, M, N, L), group, squeeze = _prepare(logits, scales, grid, [0] * experts, base)
+    if not _use_triton(logits):
+        codes, deq = hard_codes_ref(logits, scales, grid, base, qmin, qmax)
+    else:
+        codes = torch.full((E, M, N), -128, dtype=torch.int8, device=logits.device)
+        deq = torch.full((E, M, N), float("nan"), device=logits.device)
+        _hard_codes_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
+            logits, scales, grid, base if base is not None else codes, codes, deq, M, N, L, qmin, qmax,
+            HAS_BASE=base is not None, BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+    return (codes[0], deq[0]) if squeeze else (codes, deq)
