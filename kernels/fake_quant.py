@@ -90,35 +90,46 @@ def hard_codes_ref(logits, scales, grid, base=None, qmin=None, qmax=None):
 
 
 @triton.jit
-def _tile(logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
-          tau, kappa, HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
-          BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
-    """One (row block, group) tile: probabilities p [BLOCK_M, G, BLOCK_L], level values, offsets."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_g * G + tl.arange(0, G)
-    offs_k = tl.arange(0, BLOCK_L)
-    mask_m = offs_m < M
-    offs_w = offs_m[:, None] * N + offs_n[None, :]  # weight index inside the expert
-    offs_l = offs_w[:, :, None] * L + offs_k[None, None, :]  # logit index inside the expert
-    mask = mask_m[:, None, None] & (offs_k < L)[None, None, :]
-    base_e = pid_e.to(tl.int64) * M * N * L
-    x = tl.load(logits_ptr + base_e + offs_l, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOISE:
-        g = tl.load(noise_ptr + base_e + offs_l, mask=mask, other=0.0).to(tl.float32)
-    else:
-        u = tl.maximum(tl.rand(seed, offs_l), 1e-20)
-        g = -tl.log(-tl.log(u))
+def _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L, qmin, qmax, HAS_BASE: tl.constexpr):
+    """Level values [BLOCK_M, G, BLOCK_L] (or [1, 1, BLOCK_L]) and which of them are allowed."""
     v = tl.load(grid_ptr + offs_k, mask=offs_k < L, other=0.0)[None, None, :]
     valid = (offs_k < L)[None, None, :]  # rows past M load zeros: finite, masked at the store
     if HAS_BASE:
         b = tl.load(base_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0)
         v = b.to(tl.float32)[:, :, None] + v
         valid = valid & (v >= qmin) & (v <= qmax)
+    return v, valid
+
+
+@triton.jit
+def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L, qmin, qmax, tau, kappa,
+          HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
+          BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's (expert, row block, group) tile: probabilities p [BLOCK_M, G, BLOCK_L], level
+    values v, scales s [BLOCK_M], and the offsets the kernels store through."""
+    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_g * G + tl.arange(0, G)
+    offs_k = tl.arange(0, BLOCK_L)
+    mask_m = offs_m < M
+    offs_w = offs_m[:, None] * N + offs_n[None, :]  # weight index inside the expert
+    offs_l = offs_w[:, :, None] * L + offs_k[None, None, :]  # logit index inside the expert
+    mask_l = mask_m[:, None, None] & (offs_k < L)[None, None, :]
+    start_l = pid_e.to(tl.int64) * M * N * L
+    x = tl.load(logits_ptr + start_l + offs_l, mask=mask_l, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        g = tl.load(noise_ptr + start_l + offs_l, mask=mask_l, other=0.0).to(tl.float32)
+    else:  # Gumbel noise from (seed of the expert, logit index): the same draw in both passes
+        u = tl.maximum(tl.rand(tl.load(seeds_ptr + pid_e), offs_l), 1e-20)
+        g = -tl.log(-tl.log(u))
+    v, valid = _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L, qmin, qmax, HAS_BASE)
     z = tl.where(valid, (kappa * x + g) / tau, float("-inf"))
     z = z - tl.max(z, axis=2)[:, :, None]
     e = tl.where(valid, tl.exp(z), 0.0)
     p = e / tl.sum(e, axis=2)[:, :, None]
-    return p, v, offs_m, offs_w, offs_l, mask_m
+    offs_s = pid_e.to(tl.int64) * M * (N // G) + offs_m * (N // G) + pid_g
+    s = tl.load(scales_ptr + offs_s, mask=mask_m, other=0.0)
+    return p, v, s, offs_s, pid_e.to(tl.int64) * M * N + offs_w, start_l + offs_l, mask_m, mask_l
 
 
 @triton.jit
@@ -126,15 +137,11 @@ def _soft_weights_fwd_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_p
                              M, N, L, qmin, qmax, tau, kappa,
                              HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
                              BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seed = tl.load(seeds_ptr + pid_e)
-    p, v, offs_m, offs_w, offs_l, mask_m = _tile(
-        logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
-        tau, kappa, HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
-    n_groups = N // G
-    s = tl.load(scales_ptr + pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g, mask=mask_m, other=0.0)
+    p, v, s, offs_s, offs_w, offs_l, mask_m, mask_l = _tile(
+        logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L, qmin, qmax, tau, kappa,
+        HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
     w = s[:, None] * tl.sum(p * v, axis=2)
-    tl.store(out_ptr + pid_e.to(tl.int64) * M * N + offs_w, w.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(out_ptr + offs_w, w.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
 @triton.jit
@@ -142,19 +149,13 @@ def _soft_weights_bwd_kernel(grad_ptr, logits_ptr, scales_ptr, grid_ptr, base_pt
                              dlogits_ptr, dscales_ptr, M, N, L, qmin, qmax, tau, kappa,
                              HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
                              BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seed = tl.load(seeds_ptr + pid_e)
-    p, v, offs_m, offs_w, offs_l, mask_m = _tile(
-        logits_ptr, noise_ptr, grid_ptr, base_ptr, seed, pid_e, pid_m, pid_g, M, N, L, qmin, qmax,
-        tau, kappa, HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
-    n_groups = N // G
-    offs_s = pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g
-    s = tl.load(scales_ptr + offs_s, mask=mask_m, other=0.0)
-    dw = tl.load(grad_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0.0).to(tl.float32)
+    p, v, s, offs_s, offs_w, offs_l, mask_m, mask_l = _tile(
+        logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L, qmin, qmax, tau, kappa,
+        HAS_NOISE, HAS_BASE, BLOCK_M, G, BLOCK_L)
+    dw = tl.load(grad_ptr + offs_w, mask=mask_m[:, None], other=0.0).to(tl.float32)
     u = (s[:, None] * dw)[:, :, None] * v
     dl = (kappa / tau) * p * (u - tl.sum(p * u, axis=2)[:, :, None])
-    mask = mask_m[:, None, None] & (tl.arange(0, BLOCK_L) < L)[None, None, :]
-    tl.store(dlogits_ptr + pid_e.to(tl.int64) * M * N * L + offs_l, dl.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    tl.store(dlogits_ptr + offs_l, dl.to(dlogits_ptr.dtype.element_ty), mask=mask_l)
     ds = tl.sum(dw * tl.sum(p * v, axis=2), axis=1)
     tl.store(dscales_ptr + offs_s, ds, mask=mask_m)
 
@@ -180,17 +181,10 @@ def _hard_codes_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, codes_ptr, de
     mask = mask_m[:, None, None] & (offs_k < L)[None, None, :]
     x = tl.load(logits_ptr + pid_e.to(tl.int64) * M * N * L + offs_w[:, :, None] * L + offs_k[None, None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(grid_ptr + offs_k, mask=offs_k < L, other=0.0)[None, None, :]
-    valid = (offs_k < L)[None, None, :]  # rows past M load zeros: finite, masked at the store
-    if HAS_BASE:
-        b = tl.load(base_ptr + pid_e.to(tl.int64) * M * N + offs_w, mask=mask_m[:, None], other=0)
-        v = b.to(tl.float32)[:, :, None] + v
-        valid = valid & (v >= qmin) & (v <= qmax)
-    x = tl.where(valid, x, float("-inf"))
-    k = tl.argmax(x, axis=2)  # first maximum, like torch.argmax
+    v, valid = _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L, qmin, qmax, HAS_BASE)
+    k = tl.argmax(tl.where(valid, x, float("-inf")), axis=2)  # first maximum, like torch.argmax
     code = tl.sum(tl.where(offs_k[None, None, :] == k[:, :, None], v, 0.0), axis=2)
-    n_groups = N // G
-    s = tl.load(scales_ptr + pid_e.to(tl.int64) * M * n_groups + offs_m * n_groups + pid_g, mask=mask_m, other=0.0)
+    s = tl.load(scales_ptr + pid_e.to(tl.int64) * M * (N // G) + offs_m * (N // G) + pid_g, mask=mask_m, other=0.0)
     tl.store(codes_ptr + pid_e.to(tl.int64) * M * N + offs_w, code.to(tl.int8), mask=mask_m[:, None])
     tl.store(deq_ptr + pid_e.to(tl.int64) * M * N + offs_w, s[:, None] * code, mask=mask_m[:, None])
 
