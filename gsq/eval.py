@@ -62,29 +62,41 @@ def eval_windows(tokenizer, rows: list[str], seqlen: int, max_windows: int | Non
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def window_sums(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None = None) -> dict:
+    """Sums over one window `ids [S]` with next-token `logits [S, V]`: NLL, and with the reference's
+    logits, KL(reference || model) and top-1 agreement; `n` predicted positions (S - 1)."""
+    logp = F.log_softmax(logits[:-1].float(), dim=-1)
+    targets = ids[1:].to(logp.device)
+    sums = {"nll": -logp.gather(1, targets[:, None]).sum().item(), "n": targets.numel()}
+    if ref_logits is not None:
+        ref_logp = F.log_softmax(ref_logits[:-1].float(), dim=-1)
+        sums["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        sums["top1"] = (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    return sums
+
+
+def summarize(sums: list) -> dict:
+    """Perplexity (and mean KL, top-1) from the windows' sums: every predicted position weighs the same."""
+    n = sum(s["n"] for s in sums)
+    nll = sum(s["nll"] for s in sums) / n
+    result = {"ppl": math.exp(nll), "nll": nll, "windows": len(sums), "tokens": n}
+    if sums and "kl" in sums[0]:
+        result.update(kl=sum(s["kl"] for s in sums) / n, top1=sum(s["top1"] for s in sums) / n)
+    return result
+
+
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, reference=None, device="cpu", progress=True) -> dict:
     """Perplexity of `model` on `windows`; with `reference`, also mean KL(reference || model) and top-1.
 
-    Every window predicts its tokens 1..seqlen-1 from the tokens before them; all predicted
-    positions of all windows weigh the same.
+    Every window predicts its tokens 1..seqlen-1 from the tokens before them.
     """
-    nll = kl = agree = 0.0
-    count = 0
+    sums = []
     for window in tqdm(windows, desc="eval", unit="window", disable=not progress, file=sys.stderr):
         ids = window[None].to(device)
-        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        targets = ids[0, 1:]
-        nll += -logp.gather(1, targets[:, None]).sum().item()
-        count += targets.numel()
-        if reference is not None:
-            ref_logp = F.log_softmax(reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    result = {"ppl": math.exp(nll / count), "nll": nll / count, "windows": len(windows), "tokens": count}
-    if reference is not None:
-        result.update(kl=kl / count, top1=agree / count)
-    return result
+        ref_logits = None if reference is None else reference(input_ids=ids).logits[0]
+        sums.append(window_sums(model(input_ids=ids).logits[0], ids[0], ref_logits))
+    return summarize(sums)
 
 
 def check_model_dir(path: str) -> Path:

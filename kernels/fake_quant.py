@@ -12,7 +12,8 @@ GSQ's hot spot (../shared/docs/gsq-method.md). Per weight (row m, column n) ther
 
 The noise is never stored: it is a function of (seed of the expert, index of the logit inside the
 expert), drawn in-kernel by Philox in the forward and drawn again, bit for bit, in the backward.
-On CPU (no interpreter) the reference runs, with noise from a torch.Generator seeded the same way.
+On CPU (no interpreter) the reference runs, with noise from a torch.Generator seeded the same way,
+and keeps the probabilities for the backward (host memory is not what limits a CPU run).
 
 Layouts: logits `[E, out, in, L]` (L innermost: one weight's logits are contiguous, a tile of a
 row block and a group is one contiguous run per row), scales `[E, out, in / G]` fp32, seeds `[E]`
@@ -61,23 +62,29 @@ def soft_weights_ref(logits, scales, grid, tau, kappa, noise, base=None, qmin=No
     """Soft weights `[E, out, in]` (eq. of the relaxed forward); `noise` has the logits' shape."""
     values, valid = levels_ref(grid, base, qmin, qmax, _ct(logits))
     p = _probs_ref(logits, tau, kappa, noise, valid)
-    group = logits.shape[-2] // scales.shape[-1]
-    w = scales.to(_ct(logits)).repeat_interleave(group, dim=-1) * (p * values).sum(-1)
-    return w.to(out_dtype or logits.dtype)
+    return _weights_from_probs(p, values, scales).to(out_dtype or logits.dtype)
 
 
 def soft_weights_bwd_ref(grad_w, logits, scales, grid, tau, kappa, noise, base=None, qmin=None, qmax=None):
     """(dlogits, dscales) for upstream `grad_w`, by the closed-form gradient above."""
     values, valid = levels_ref(grid, base, qmin, qmax, _ct(logits))
     p = _probs_ref(logits, tau, kappa, noise, valid)
-    group = logits.shape[-2] // scales.shape[-1]
-    dw = grad_w.to(_ct(logits))
-    s = scales.to(_ct(logits)).repeat_interleave(group, dim=-1)
-    u = (s * dw)[..., None] * values
-    dlogits = (kappa / tau) * p * (u - (p * u).sum(-1, keepdim=True))
-    wq = (p * values).sum(-1)
-    dscales = (dw * wq).unflatten(-1, (-1, group)).sum(-1)
+    dlogits, dscales = _grads_from_probs(grad_w, p, values, scales, tau, kappa)
     return dlogits.to(logits.dtype), dscales
+
+
+def _weights_from_probs(p, values, scales):
+    group = p.shape[-2] // scales.shape[-1]
+    return scales.to(p.dtype).repeat_interleave(group, dim=-1) * (p * values).sum(-1)
+
+
+def _grads_from_probs(grad_w, p, values, scales, tau, kappa):
+    group = p.shape[-2] // scales.shape[-1]
+    dw = grad_w.to(p.dtype)
+    u = (scales.to(p.dtype).repeat_interleave(group, dim=-1) * dw)[..., None] * values
+    dlogits = (kappa / tau) * p * (u - (p * u).sum(-1, keepdim=True))
+    dscales = (dw * (p * values).sum(-1)).unflatten(-1, (-1, group)).sum(-1)
+    return dlogits, dscales
 
 
 def hard_codes_ref(logits, scales, grid, base=None, qmin=None, qmax=None):
@@ -90,7 +97,8 @@ def hard_codes_ref(logits, scales, grid, base=None, qmin=None, qmax=None):
 
 
 @triton.jit
-def _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L, qmin, qmax, HAS_BASE: tl.constexpr):
+def _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L: tl.constexpr, qmin, qmax,
+            HAS_BASE: tl.constexpr):
     """Level values [BLOCK_M, G, BLOCK_L] (or [1, 1, BLOCK_L]) and which of them are allowed."""
     v = tl.load(grid_ptr + offs_k, mask=offs_k < L, other=0.0)[None, None, :]
     valid = (offs_k < L)[None, None, :]  # rows past M load zeros: finite, masked at the store
@@ -102,7 +110,7 @@ def _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L, qmin, qm
 
 
 @triton.jit
-def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L, qmin, qmax, tau, kappa,
+def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L: tl.constexpr, qmin, qmax, tau, kappa,
           HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
           BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
     """This program's (expert, row block, group) tile: probabilities p [BLOCK_M, G, BLOCK_L], level
@@ -134,7 +142,7 @@ def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N
 
 @triton.jit
 def _soft_weights_fwd_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, out_ptr,
-                             M, N, L, qmin, qmax, tau, kappa,
+                             M, N, L: tl.constexpr, qmin, qmax, tau, kappa,
                              HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
                              BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
     p, v, s, offs_s, offs_w, offs_l, mask_m, mask_l = _tile(
@@ -146,7 +154,7 @@ def _soft_weights_fwd_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_p
 
 @triton.jit
 def _soft_weights_bwd_kernel(grad_ptr, logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr,
-                             dlogits_ptr, dscales_ptr, M, N, L, qmin, qmax, tau, kappa,
+                             dlogits_ptr, dscales_ptr, M, N, L: tl.constexpr, qmin, qmax, tau, kappa,
                              HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
                              BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
     p, v, s, offs_s, offs_w, offs_l, mask_m, mask_l = _tile(
@@ -163,14 +171,15 @@ def _soft_weights_bwd_kernel(grad_ptr, logits_ptr, scales_ptr, grid_ptr, base_pt
 @triton.jit
 def _gumbel_kernel(seeds_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     """The noise exactly as the fake-quant kernels draw it, written out (tests and debugging only)."""
-    pid_e, pid = tl.program_id(0), tl.program_id(1)
+    pid, pid_e = tl.program_id(0), tl.program_id(1)  # the large count on axis 0 (axes 1, 2 stop at 65535)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     u = tl.maximum(tl.rand(tl.load(seeds_ptr + pid_e), offs), 1e-20)
     tl.store(out_ptr + pid_e.to(tl.int64) * numel + offs, -tl.log(-tl.log(u)), mask=offs < numel)
 
 
 @triton.jit
-def _hard_codes_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, codes_ptr, deq_ptr, M, N, L, qmin, qmax,
+def _hard_codes_kernel(logits_ptr, scales_ptr, grid_ptr, base_ptr, codes_ptr, deq_ptr, M, N, L: tl.constexpr,
+                       qmin, qmax,
                        HAS_BASE: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
     pid_e, pid_m, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,11 +231,13 @@ def _prepare(logits, scales, grid, seeds, base):
     return logits.contiguous(), scales, grid, seeds, base, (E, M, N, L), group, squeeze
 
 
-def _launch_grid(E, M, N, group, block_m):
-    return (E, triton.cdiv(M, block_m), N // group)
+def _block_m(group, levels):
+    """Rows per program: a tile of about 2048 logits (168 -> ~100 registers per thread at L = 4)."""
+    return max(1, 2048 // (group * triton.next_power_of_2(levels)))
 
 
-BLOCK_M = 8
+def _launch_grid(E, M, N, group, levels):
+    return (E, triton.cdiv(M, _block_m(group, levels)), N // group)
 
 
 class _SoftWeights(torch.autograd.Function):
@@ -234,37 +245,41 @@ class _SoftWeights(torch.autograd.Function):
     def forward(ctx, logits, scales, grid, tau, kappa, seeds, base, qmin, qmax, out_dtype, noise):
         E, M, N, L = logits.shape
         group = N // scales.shape[-1]
-        ctx.save_for_backward(logits, scales, grid, seeds, base, noise)
         ctx.args = (tau, kappa, qmin, qmax)
-        if not _use_triton(logits):
+        if not _use_triton(logits):  # CPU: keep the probabilities for the backward (memory is not the limit)
             noise = gumbel_ref(seeds, (M, N, L), logits.device) if noise is None else noise
-            return soft_weights_ref(logits, scales, grid, tau, kappa, noise, base, qmin, qmax, out_dtype)
+            values, valid = levels_ref(grid, base, qmin, qmax)
+            p = _probs_ref(logits, tau, kappa, noise, valid)
+            ctx.save_for_backward(p, values, scales)
+            ctx.dtype = logits.dtype
+            return _weights_from_probs(p, values, scales).to(out_dtype)
+        ctx.save_for_backward(logits, scales, grid, seeds, base, noise)
         out = torch.full((E, M, N), float("nan"), device=logits.device, dtype=out_dtype)
-        _soft_weights_fwd_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
+        _soft_weights_fwd_kernel[_launch_grid(E, M, N, group, L)](
             logits, scales, grid, base if base is not None else seeds, seeds,
             noise if noise is not None else logits, out, M, N, L, qmin, qmax, float(tau), float(kappa),
             HAS_NOISE=noise is not None, HAS_BASE=base is not None,
-            BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+            BLOCK_M=_block_m(group, L), G=group, BLOCK_L=triton.next_power_of_2(L))
         return out
 
     @staticmethod
     def backward(ctx, grad_w):
-        logits, scales, grid, seeds, base, noise = ctx.saved_tensors
         tau, kappa, qmin, qmax = ctx.args
+        if len(ctx.saved_tensors) == 3:  # the CPU path
+            p, values, scales = ctx.saved_tensors
+            dlogits, dscales = _grads_from_probs(grad_w, p, values, scales, tau, kappa)
+            return dlogits.to(ctx.dtype), dscales, None, None, None, None, None, None, None, None, None
+        logits, scales, grid, seeds, base, noise = ctx.saved_tensors
         E, M, N, L = logits.shape
         group = N // scales.shape[-1]
         grad_w = grad_w.contiguous()
-        if not _use_triton(logits):
-            noise = gumbel_ref(seeds, (M, N, L), logits.device) if noise is None else noise  # drawn again
-            dlogits, dscales = soft_weights_bwd_ref(grad_w, logits, scales, grid, tau, kappa, noise, base, qmin, qmax)
-        else:
-            dlogits = torch.full_like(logits, float("nan"))
-            dscales = torch.full_like(scales, float("nan"))
-            _soft_weights_bwd_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
-                grad_w, logits, scales, grid, base if base is not None else seeds, seeds,
-                noise if noise is not None else logits, dlogits, dscales, M, N, L, qmin, qmax,
-                float(tau), float(kappa), HAS_NOISE=noise is not None, HAS_BASE=base is not None,
-                BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+        dlogits = torch.full_like(logits, float("nan"))
+        dscales = torch.full_like(scales, float("nan"))
+        _soft_weights_bwd_kernel[_launch_grid(E, M, N, group, L)](  # draws the forward's noise again
+            grad_w, logits, scales, grid, base if base is not None else seeds, seeds,
+            noise if noise is not None else logits, dlogits, dscales, M, N, L, qmin, qmax,
+            float(tau), float(kappa), HAS_NOISE=noise is not None, HAS_BASE=base is not None,
+            BLOCK_M=_block_m(group, L), G=group, BLOCK_L=triton.next_power_of_2(L))
         return dlogits, dscales, None, None, None, None, None, None, None, None, None
 
 
@@ -290,7 +305,7 @@ def gumbel_noise(seeds, shape, device):
         return gumbel_ref(seeds, shape, device)
     numel = int(torch.tensor(shape).prod())
     out = torch.full((seeds.numel(), *shape), float("nan"), device=device)
-    _gumbel_kernel[(seeds.numel(), triton.cdiv(numel, 1024))](seeds, out, numel, BLOCK=1024)
+    _gumbel_kernel[(triton.cdiv(numel, 1024), seeds.numel())](seeds, out, numel, BLOCK=1024)
     return out
 
 
@@ -304,7 +319,7 @@ def hard_codes(logits, scales, grid, base=None, qmin=-128, qmax=127):
     else:
         codes = torch.full((E, M, N), -128, dtype=torch.int8, device=logits.device)
         deq = torch.full((E, M, N), float("nan"), device=logits.device)
-        _hard_codes_kernel[_launch_grid(E, M, N, group, BLOCK_M)](
+        _hard_codes_kernel[_launch_grid(E, M, N, group, L)](
             logits, scales, grid, base if base is not None else codes, codes, deq, M, N, L, qmin, qmax,
-            HAS_BASE=base is not None, BLOCK_M=BLOCK_M, G=group, BLOCK_L=triton.next_power_of_2(L))
+            HAS_BASE=base is not None, BLOCK_M=_block_m(group, L), G=group, BLOCK_L=triton.next_power_of_2(L))
     return (codes[0], deq[0]) if squeeze else (codes, deq)

@@ -1,0 +1,108 @@
+"""The one configuration of a gsq run. Defaults are the GSQ paper's Kimi-K2.5 settings; `PRESETS`
+holds the scaled-down settings for the bundled tiny model. CLI flags are generated from the fields.
+"""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to quantize, where to write
+    model: str = _f("models/tiny-deepseek-v3", "source model directory (never modified)")
+    out: str = _f("", "output directory for the compressed-tensors checkpoint")
+    # calibration data
+    dataset: str = _f("wikitext:wikitext-2-raw-v1:train", "local .txt/.jsonl file, or Hub id[:config[:split]]")
+    text_field: str = _f("text", "text column of a Hub dataset or JSONL file ('messages' renders chat)")
+    num_samples: int = _f(4096, "calibration sequences")
+    seqlen: int = _f(4096, "tokens per calibration sequence")
+    seed: int = _f(0, "seed of sampling and of every (layer, expert) optimisation")
+    # grid
+    bits: int = _f(2, "bits per expert weight (2: levels -2..1; 3, 4: local shifts)", choices=[2, 3, 4])
+    group_size: int = _f(128, "input channels per scale")
+    # initialisation
+    init: str = _f("gptq", "initial codes and scales", choices=["gptq", "rtn"])
+    gptq_damp: float = _f(0.1, "GPTQ damping, fraction of mean diag(H)")
+    gptq_block: int = _f(128, "GPTQ columns per block")
+    scale_grid: int = _f(100, "MSE scale search: shrink factors tried, down to scale_min")
+    scale_min: float = _f(0.2, "MSE scale search: smallest shrink factor")
+    scale_norm: float = _f(2.4, "MSE scale search: error norm")
+    init_sigma: float = _f(0.01, "logit init: l = sigma * (eps + alpha * c)")
+    init_alpha: float = _f(6.0, "logit init: weight of the initial code")
+    # GSQ optimisation
+    epochs: float = _f(10.0, "passes over each expert's routed tokens")
+    batch_tokens: int = _f(5440, "tokens per expert per optimizer step (paper: 64 x 4096 x 8 / 384)")
+    min_steps: int = _f(200, "floor on steps per expert, so small calibration sets still optimise")
+    lr_logits: float = _f(2e-4, "Lion learning rate of the logits")
+    lr_scales: float = _f(1e-5, "Lion learning rate of the scales")
+    weight_decay: float = _f(1.0, "decoupled weight decay on the logits (towards uniform)")
+    lion_betas: tuple = _f((0.9, 0.95), "Lion betas")
+    lr_final: float = _f(0.1, "cosine decay to this fraction of the learning rate")
+    tau: tuple = _f((2.0, 0.05), "temperature, annealed linearly (start, end)")
+    kappa: tuple = _f((100.0, 500.0), "logit gain, annealed linearly (start, end)")
+    min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
+    experts_per_batch: int = _f(16, "experts optimised together in one batched problem")
+    # quality watch
+    eval_every: int = _f(6, "WikiText-2 perplexity every N layers and at the end (0: off)")
+    eval_data: str = _f("", "local wiki.test.raw for the perplexity checks (default: the Hub)")
+    eval_windows: int = _f(128, "held-out windows for the perplexity checks")
+    eval_seqlen: int = _f(2048, "tokens per perplexity window")
+    # run
+    device: str = _f("auto", "compute device: auto, cpu, cuda, cuda:N")
+    resume: bool = _f(False, "continue an interrupted run in --out from its first unfinished layer")
+    overwrite: bool = _f(False, "replace an existing --out")
+    container: int = _f(2, "bits per code in the int32 words: 2 (true 2-bit) or 4 (Marlin-era vLLM)", choices=[2, 4, 8])
+    max_shard_bytes: int = _f(5 * 2**30, "largest safetensors shard written")
+    preset: str = _f("", "named settings applied before the flags: 'tiny' for the bundled model")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+PRESETS = {
+    # The bundled tiny model on 2 CPU cores: 256 x 256 calibration tokens (~16k per expert),
+    # 32 held-out windows of 256 tokens; learning rates scaled for 200-step runs.
+    "tiny": dict(dataset="../shared/data/wikitext-2/wiki.valid.tokens", num_samples=256, seqlen=256,
+                 batch_tokens=1024, epochs=10.0, min_steps=200, lr_logits=2e-3, lr_scales=1e-4,
+                 eval_data="../shared/data/wikitext-2-raw/wiki.test.raw", eval_windows=32, eval_seqlen=256,
+                 experts_per_batch=8),
+}
+
+
+def _parse(kind, text):
+    return tuple(float(x) for x in text.split(",")) if kind is tuple else kind(text)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="GSQ 2-bit quantization of a Mixture-of-Experts model")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            ap.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            shown = ",".join(map(str, f.default)) if kind is tuple else f.default
+            ap.add_argument(flag, type=lambda t, k=kind: _parse(k, t), default=None,
+                            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {shown})")
+    return ap
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the preset, then the flags given on the command line."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    return Config(**{**PRESETS.get(preset, {}), **given})
+
+
+def load(path: Path) -> Config:
+    data = json.loads(Path(path).read_text())
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -1,0 +1,299 @@
+"""The run: stream the model layer by layer, quantize each MoE layer's routed experts with GSQ,
+pass the quantized layer's outputs on, write the checkpoint as it goes, watch perplexity.
+
+    for each decoder layer i:
+        load layer i from the shards
+        if MoE: route the calibration tokens, init every expert (GPTQ), refine it (GSQ)
+        inputs of layer i+1 = layer i (quantized experts) on the inputs of layer i
+        write layer i's shard; persist the activations (resume point); free layer i
+        every --eval-every layers: perplexity of quantized layers 0..i + original rest
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from gsq import adapter, calib, export, gptq, stream
+from gsq.config import Config
+from gsq.errors import InputError
+from gsq.eval import check_model_dir, eval_windows, pick_device, summarize, window_sums, wikitext_rows
+from gsq.quantizer import ExpertCodes, dequant, optimize, relative_error
+
+CHUNK = 8  # windows per forward pass through a layer
+
+
+def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
+    """One decoder layer over all windows `[N, S, H]` (stored on CPU or the device), chunk by chunk."""
+    out = torch.empty_like(hidden)
+    pos = torch.arange(hidden.shape[1], device=device)[None]
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], CHUNK):
+            h = hidden[i : i + CHUNK].to(device)
+            pe = model.model.rotary_emb(h, pos)
+            out[i : i + CHUNK] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device)
+    return out
+
+
+def expert_inputs(model, layer, hidden: torch.Tensor, device):
+    """Each routed expert's calibration inputs: the post-attention-norm states of the tokens the
+    router sends it, `[n_e, H]` per expert (on the activations' device)."""
+    pos = torch.arange(hidden.shape[1], device=device)[None]
+    chunks = [[] for _ in range(adapter.num_experts(layer))]
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], CHUNK):
+            h = hidden[i : i + CHUNK].to(device)
+            x = adapter.post_attention_states(layer, h, pos, model.model.rotary_emb(h, pos))
+            _, idx = adapter.route(layer, x)
+            for e in range(len(chunks)):
+                chunks[e].append(x[(idx == e).any(-1)].to(hidden.device))
+    return [torch.cat(c) for c in chunks]
+
+
+def init_expert(weights, x, cfg: Config, grid_bits: int):
+    """(RTN codes+scales, init codes+scales) for gate, up, down of one expert on its tokens x."""
+    rtn, init = [], []
+    scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
+    inputs = [x, x, None]
+    if x.shape[0] >= cfg.min_tokens and cfg.init == "gptq":
+        gate, up, _ = weights
+        inputs[2] = F.silu(x @ gate.T) * (x @ up.T)
+    for W, inp in zip(weights, inputs):
+        s = gptq.mse_scales(W, grid_bits, cfg.group_size, **scale_args)
+        rtn.append((gptq.rtn(W, s, grid_bits), s))
+        if x.shape[0] < cfg.min_tokens or cfg.init == "rtn":
+            init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
+        else:
+            init.append(gptq.gptq(W, inp.T @ inp, grid_bits, cfg.group_size, cfg.gptq_damp, cfg.gptq_block,
+                                  **scale_args))
+    return rtn, init
+
+
+def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
+    """Codes and scales of every routed expert of layer i, and the layer's statistics."""
+    xs = expert_inputs(model, layer, hidden, device)
+    counts = [x.shape[0] for x in xs]
+    E = len(xs)
+    fp = [tuple(w.float() for w in adapter.expert_weights(layer, e)) for e in range(E)]
+    rtn, init = zip(*[init_expert(fp[e], xs[e].to(device).float(), cfg, cfg.bits) for e in range(E)])
+    final = list(init)
+    trained = [e for e in range(E) if counts[e] >= cfg.min_tokens]
+    mean_tokens = sum(counts[e] for e in trained) / max(1, len(trained))
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * mean_tokens / cfg.batch_tokens))
+    seeds = [(cfg.seed * 1_000_003 + i) * 100_003 + e for e in range(E)]
+    local = cfg.bits > 2
+    grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
+    qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
+    trajectory = []
+    for b in range(0, len(trained), cfg.experts_per_batch):
+        batch = trained[b : b + cfg.experts_per_batch]
+        codes = [torch.stack([init[e][p][0] for e in batch]).to(device) for p in range(3)]
+        scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
+        module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
+                             torch.Generator().manual_seed(seeds[batch[0]]), local=local, qrange=qrange)
+        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, dtype) for p in range(3))
+        trajectory += optimize(module, [xs[e] for e in batch], weights, steps, cfg.batch_tokens, cfg,
+                               [seeds[e] for e in batch], dtype)
+        hard = module.hard(dtype)
+        for j, e in enumerate(batch):
+            final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
+    stats = {"layer": i, "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
+             "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens]}
+    errs = {"rtn": [], "init": [], "gsq": []}
+    for e in trained:
+        x = xs[e][: 4096].to(device, torch.float32)[None]
+        ref = tuple(w[None] for w in fp[e])
+        for name, q in (("rtn", rtn[e]), ("init", init[e]), ("gsq", final[e])):
+            errs[name].append(relative_error(x, ref, tuple(dequant(c, s).to(device)[None] for c, s in q)))
+    stats.update({f"err_{k}": sum(v) / max(1, len(v)) for k, v in errs.items()}, err_per_expert=errs,
+                 loss_trajectory=trajectory[-1:] if trajectory else [])
+    for e in range(E):  # the quantized experts, exactly as the checkpoint will dequantize them
+        adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in final[e]))
+    return final, stats
+
+
+def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
+    """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
+    keys = ckpt.layer_keys(arch, i)
+    tensors = {}
+    expert_keys = set()
+    for e, projs in enumerate(final or []):
+        for p, (codes, scales) in enumerate(projs):
+            key = arch.expert_key(i, e, p)
+            expert_keys.add(key + ".weight")
+            tensors.update(export.expert_tensors(key, codes, scales, container))
+    tensors.update(ckpt.load([k for k in keys if k not in expert_keys]))
+    return tensors
+
+
+def perplexity(model, ckpt, arch, eval_hidden, windows, first_original: int, device, dtype) -> float:
+    """Perplexity with layers before `first_original` quantized (their outputs are `eval_hidden`)
+    and the original layers from there on, streamed from the checkpoint."""
+    h = eval_hidden
+    for j in range(first_original, len(model.model.layers)):
+        layer = stream.load_layer(ckpt, model, arch, j, device, dtype)
+        h = forward(model, layer, h, device)
+        stream.unload_layer(model, j)
+    sums = []
+    with torch.no_grad():
+        for n in range(h.shape[0]):
+            logits = model.lm_head(model.model.norm(h[n : n + 1].to(device)))[0]
+            sums.append(window_sums(logits, windows[n]))
+    return summarize(sums)["ppl"]
+
+
+def prepare_output(cfg: Config, src: Path) -> Path:
+    out = Path(cfg.out)
+    if not cfg.out:
+        raise InputError("--out DIR is required")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise InputError(f"--out {out} is inside the source model {src}: the source is never written to")
+    root = export.partial_dir(out)
+    if out.exists() and not (cfg.overwrite or cfg.resume):
+        raise InputError(f"output {out} exists: pass --overwrite to replace it")
+    if root.exists() and not cfg.resume:
+        if not cfg.overwrite:
+            raise InputError(f"an interrupted run is in {root}: pass --resume to continue it or --overwrite")
+        shutil.rmtree(root)
+    if cfg.resume and out.exists() and not root.exists():
+        raise InputError(f"output {out} is already complete: nothing to resume")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def save_state(work: Path, next_layer: int, hidden, eval_hidden, record: dict):
+    """Resume point after a layer: activations, then progress, each written whole and renamed."""
+    work.mkdir(exist_ok=True)
+    tensors = {"hidden": hidden.cpu().contiguous()}
+    if eval_hidden is not None:
+        tensors["eval_hidden"] = eval_hidden.cpu().contiguous()
+    save_file(tensors, work / "acts.tmp")
+    os.replace(work / "acts.tmp", work / f"acts-{next_layer}.safetensors")
+    (work / "state.tmp").write_text(json.dumps({"next_layer": next_layer, "record": record}))
+    os.replace(work / "state.tmp", work / "state.json")
+    for old in work.glob("acts-*.safetensors"):
+        if old.name != f"acts-{next_layer}.safetensors":
+            old.unlink()
+
+
+def run(cfg: Config) -> dict:
+    t0 = time.time()
+    device = torch.device(pick_device(cfg.device))
+    src = check_model_dir(cfg.model)
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src)
+    arch = adapter.arch_of(config)
+    tcfg = adapter.text_config(config)
+    model = stream.skeleton(tcfg)
+    adapter.check_quantizable(model, cfg.group_size)
+    ckpt = stream.Checkpoint(src)
+    root = prepare_output(cfg, src)
+    work = root / ".gsq-work"
+    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    stream.load_globals(ckpt, model, arch, device, dtype)
+    store = device if device.type == "cuda" else torch.device("cpu")
+    windows = None
+    if cfg.eval_every:
+        windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None), cfg.eval_seqlen, cfg.eval_windows)
+    n_layers = len(model.model.layers)
+
+    if cfg.resume and (work / "state.json").exists():
+        state = json.loads((work / "state.json").read_text())
+        start, record = state["next_layer"], state["record"]
+        acts = load_file(work / f"acts-{start}.safetensors")
+        hidden, eval_hidden = acts["hidden"].to(store), acts.get("eval_hidden")
+        eval_hidden = None if eval_hidden is None else eval_hidden.to(store)
+        print(f"resuming {root} at layer {start} of {n_layers}")
+    else:
+        ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
+        print(f"calibration: {note}")
+        start, record = 0, {"calibration": note, "layers": [], "ppl": []}
+        with torch.no_grad():
+            hidden = model.model.embed_tokens(ids.to(device)).to(store)
+            eval_hidden = None if windows is None else model.model.embed_tokens(windows.to(device)).to(store)
+        if windows is not None:
+            record["ppl"].append({"layers_quantized": 0, "ppl": perplexity(
+                model, ckpt, arch, eval_hidden, windows, 0, device, dtype)})
+            print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
+
+    for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers):
+        t_layer = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        layer = stream.load_layer(ckpt, model, arch, i, device, dtype)
+        final, stats = None, {"layer": i, "moe": False}
+        if adapter.is_moe(layer):
+            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype)
+            stats["moe"] = True
+        hidden = forward(model, layer, hidden, device)
+        if eval_hidden is not None:
+            eval_hidden = forward(model, layer, eval_hidden, device)
+        export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
+                          cfg.max_shard_bytes)
+        stream.unload_layer(model, i)
+        stats["seconds"] = round(time.time() - t_layer, 1)
+        stats["peak_rss_mb"] = peak_rss_mb()
+        if device.type == "cuda":
+            stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        record["layers"].append(stats)
+        print(layer_summary(stats))
+        done = i + 1
+        if windows is not None and (done % cfg.eval_every == 0 or done == n_layers):
+            ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, dtype)
+            record["ppl"].append({"layers_quantized": done, "ppl": ppl})
+            print(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
+        save_state(work, done, hidden, eval_hidden, record)
+
+    out = Path(cfg.out)
+    run_config = Config(**{**vars(cfg), "resume": False, "overwrite": False}).to_json()
+    export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
+    shutil.rmtree(work)
+    ignore = ["lm_head"] + [f"re:.*layers\\.{j}\\." for j in mtp_layers(ckpt, arch, n_layers)]
+    qc = export.quantization_config(arch, cfg.container, cfg.group_size, ignore)
+    export.finish(src, root, out, qc, run_config)
+    record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=peak_rss_mb())
+    (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
+    return record
+
+
+def rest_keys(ckpt, arch, n_layers: int) -> list:
+    """Tensors outside decoder layers 0..n-1 (embeddings, norm, lm_head, MTP layers, vision tower)."""
+    inside = {k for i in range(n_layers) for k in ckpt.layer_keys(arch, i)}
+    return sorted(k for k in ckpt.keys() if k not in inside)
+
+
+def mtp_layers(ckpt, arch, n_layers: int) -> list:
+    """Indices of extra layers stored past num_hidden_layers (DeepSeek's multi-token prediction)."""
+    prefix = arch.layers_prefix + "."
+    idx = {int(k[len(prefix):].split(".")[0]) for k in ckpt.keys() if k.startswith(prefix)}
+    return sorted(j for j in idx if j >= n_layers)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def layer_summary(s: dict) -> str:
+    line = f"layer {s['layer']}: {s['seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB"
+    if not s.get("moe"):
+        return line + " (dense: kept as is)"
+    c = sorted(s["tokens_per_expert"])
+    line += (f", tokens/expert min {c[0]} median {c[len(c) // 2]} max {c[-1]}, {s['steps']} steps; "
+             f"rel. output error RTN {s['err_rtn']:.4f} -> {'GPTQ' if s.get('err_init') else 'init'} "
+             f"{s['err_init']:.4f} -> GSQ {s['err_gsq']:.4f}")
+    if s["rtn_init_experts"]:
+        line += f"; experts with < min-tokens kept at MSE-RTN: {s['rtn_init_experts']}"
+    return line

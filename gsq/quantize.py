@@ -1,0 +1,21 @@
+"""`python -m gsq.quantize --model DIR --out DIR [...]`: GSQ 2-bit quantization of a MoE model's routed
+experts into a compressed-tensors `pack-quantized` checkpoint. Every flag is a field of gsq.config.Config;
+`--preset tiny` holds the settings for the bundled tiny model.
+"""
+
+from gsq.config import build_parser, from_args
+from gsq.errors import InputError, run_cli
+from gsq.pipeline import run
+
+
+def main(argv=None):
+    args = build_parser("python -m gsq.quantize").parse_args(argv)
+    try:
+        cfg = from_args(args)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    run(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)

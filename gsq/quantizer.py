@@ -1,0 +1,144 @@
+"""GSQ: learn each routed expert's grid codes with a Gumbel-Softmax relaxation (../shared/docs/gsq-method.md).
+
+A batch of E experts of one layer is one problem: logits `[E, out, in, L]` and signed scales
+`[E, out, in / G]` for gate, up and down, trained together so that the relaxed SwiGLU expert
+reproduces the full-precision expert on the tokens the router sends it. Experts share nothing but
+the schedule, and Lion's update is elementwise, so a batch gives exactly what one-by-one would.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from gsq.kernels.fake_quant import hard_codes, soft_weights
+
+
+def init_logits(codes: torch.Tensor, grid: torch.Tensor, sigma: float, alpha: float, generator) -> torch.Tensor:
+    """l[k] = sigma * (eps + alpha * c[k]), c[k] = -(v[k] - q)^2 / 2 centred over k (init of the paper)."""
+    c = -0.5 * (grid.to(codes.device) - codes.float()[..., None]) ** 2
+    c = c - c.mean(-1, keepdim=True)
+    eps = torch.randn(c.shape, generator=generator).to(codes.device)
+    return sigma * (eps + alpha * c)
+
+
+def linear(start: float, end: float, step: int, steps: int) -> float:
+    """Linear anneal from start (step 0) to end (last step): tau and kappa."""
+    return start + (end - start) * step / max(1, steps - 1)
+
+
+def cosine(step: int, steps: int, final: float) -> float:
+    """Learning-rate factor: cosine decay from 1 to `final`, no warm-up."""
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps - 1)))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023): update = sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g;
+    decoupled weight decay p *= 1 - lr * wd. Elementwise, so independent problems batch exactly."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("m", torch.zeros_like(p, dtype=torch.float32))
+                g = p.grad.float()
+                update = torch.sign(beta1 * m + (1 - beta1) * g)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+def swiglu(x, gate, up, down):
+    """Batched SwiGLU experts: x `[E, T, H]`, gate/up `[E, I, H]`, down `[E, H, I]` -> `[E, T, H]`."""
+    return torch.bmm(F.silu(torch.bmm(x, gate.transpose(1, 2))) * torch.bmm(x, up.transpose(1, 2)),
+                     down.transpose(1, 2))
+
+
+class ExpertCodes(torch.nn.Module):
+    """The learnable tensors of E experts: per projection, logits `[E, out, in, L]` and scales."""
+
+    PROJS = ("gate", "up", "down")
+
+    def __init__(self, codes: list, scales: list, grid: torch.Tensor, sigma: float, alpha: float, generator,
+                 local: bool = False, qrange=(-2, 1), logits_dtype=torch.float32):
+        """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`. With `local`
+        (3, 4 bits) the grid holds shifts of the init code (local shifts) within `qrange`."""
+        super().__init__()
+        self.register_buffer("grid", grid)
+        self.qrange = qrange
+        self.base = [q if local else None for q in codes]
+        self.logits = torch.nn.ParameterList([torch.nn.Parameter(
+            init_logits(torch.zeros_like(q) if local else q, grid, sigma, alpha, generator).to(logits_dtype))
+            for q in codes])
+        self.scales = torch.nn.ParameterList([torch.nn.Parameter(s.float().clone()) for s in scales])
+
+    def soft(self, tau: float, kappa: float, seeds: torch.Tensor, dtype):
+        """Relaxed (gate, up, down) weights with fresh noise: seeds `[3, E]`, one row per projection."""
+        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i], self.base[i], *self.qrange, out_dtype=dtype)
+                for i, (l, s) in enumerate(zip(self.logits, self.scales))]
+
+    @torch.no_grad()
+    def hard(self, scale_dtype):
+        """Final codes (argmax of the logits) and scales rounded to the checkpoint's dtype."""
+        out = []
+        for l, s, base in zip(self.logits, self.scales, self.base):
+            s = s.to(scale_dtype)
+            codes, _ = hard_codes(l, s.float(), self.grid, base, *self.qrange)
+            out.append((codes, s))
+        return out
+
+
+def dequant(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return scales.float().repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1) * codes.float()
+
+
+def token_stream(n: int, batch: int, steps: int, generator) -> torch.Tensor:
+    """Indices `[steps, batch]` into an expert's n tokens: consecutive random permutations (epochs)."""
+    need = steps * batch
+    perms = [torch.randperm(n, generator=generator) for _ in range(-(-need // n))]
+    return torch.cat(perms)[:need].view(steps, batch)
+
+
+def optimize(model: ExpertCodes, xs: list, fp: tuple, steps: int, batch: int, cfg, seeds: list, dtype) -> list:
+    """Train `model` (E experts) so that soft experts match the full-precision experts `fp` (gate, up,
+    down stacked `[E, ...]`) on each expert's tokens `xs[e]` `[n_e, H]`. `seeds[e]` fixes expert e's
+    token order and noise. Returns the loss trajectory (mean relative MSE every 10% of the steps)."""
+    device = fp[0].device
+    streams = [token_stream(x.shape[0], batch, steps, torch.Generator().manual_seed(s)) for x, s in zip(xs, seeds)]
+    opt = Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
+                {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
+               lr=cfg.lr_logits, betas=cfg.lion_betas)
+    base_lr = [g["lr"] for g in opt.param_groups]
+    noise_seeds = torch.tensor([[s * 4 + p for s in seeds] for p in range(3)], dtype=torch.int64)
+    trajectory = []
+    for step in range(steps):
+        tau = linear(*cfg.tau, step, steps)
+        kappa = linear(*cfg.kappa, step, steps)
+        for g, lr in zip(opt.param_groups, base_lr):
+            g["lr"] = lr * cosine(step, steps, cfg.lr_final)
+        x = torch.stack([xe[st[step]] for xe, st in zip(xs, streams)]).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            target = swiglu(x, *fp).float()
+        # fresh noise every step: (seed, projection, step) -> a distinct Philox stream per expert
+        step_seeds = (noise_seeds * 1_000_003 + step) % (2**62)
+        y = swiglu(x, *model.soft(tau, kappa, step_seeds.to(device), dtype)).float()
+        per_expert = ((y - target) ** 2).sum((1, 2)) / (target**2).sum((1, 2)).clamp(min=1e-12)
+        opt.zero_grad(set_to_none=True)
+        per_expert.sum().backward()
+        opt.step()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            trajectory.append((step, per_expert.mean().item(), tau, kappa))
+    return trajectory
+
+
+@torch.no_grad()
+def relative_error(x: torch.Tensor, fp: tuple, q: tuple) -> float:
+    """Relative output MSE of experts with weights q against fp on tokens x `[E, T, H]`."""
+    target = swiglu(x, *fp).float()
+    return (((swiglu(x, *q).float() - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)).item()
