@@ -4,15 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
+OUT ?= out/$(notdir $(MODEL))-gsq-w2
 SEQLEN ?= 256
+TINY := models/tiny-deepseek-v3
+# The bundled model gets the scaled-down preset; any other MODEL the paper's settings. Extra flags: ARGS=...
+PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny,)
+ARGS ?=
 
-.PHONY: install eval test bench fixture fixture-report
+.PHONY: install quantize eval test bench fixture fixture-report
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[lm-eval,dev]'
+
+# GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
+quantize:
+	$(PY) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(ARGS)
 
 # WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
 eval:

@@ -121,7 +121,10 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype).to(device).eval()
+    except (OSError, ValueError) as exc:  # no or unreadable weights
+        raise InputError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
     tokenizer = AutoTokenizer.from_pretrained(root)
     return model, tokenizer
 

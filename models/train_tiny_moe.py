@@ -5,15 +5,15 @@ model: transformers' `DeepseekV3ForCausalLM` (the Kimi-K2.5 / DeepSeek-V3 text a
 MLA attention, a dense first layer, 6 MoE layers of 8 routed experts (top-2, sigmoid router with
 DeepSeek's bias-based load balancing) plus one shared expert, and its own byte-level BPE tokenizer.
 
-Recipe (deterministic on a given machine; `make fixture` runs it, ~1 h on 2 CPU cores):
+Recipe (deterministic on a given machine; `make fixture` runs it, ~15 min on 2 CPU cores):
   - Text: `../shared/data/wikitext-2/wiki.valid.tokens` (217k words). Never the test split.
     The last 5% of its lines are held out for early stopping; the rest is training text.
-  - Tokenizer: byte-level BPE, vocabulary 4096, trained on the training text only.
+  - Tokenizer: byte-level BPE, vocabulary 2048, trained on the training text only.
   - Model: hidden 256, 7 layers (layer 0 dense, intermediate 512), 4 MLA heads (q_lora_rank 128,
     kv_lora_rank 64, nope/rope/v head dims 32/16/32), 8 routed experts of intermediate 128, top-2,
-    1 shared expert, routed_scaling_factor 1.0, untied embeddings. ~8.6M parameters.
+    1 shared expert, routed_scaling_factor 2.5 (DeepSeek-V3's), untied embeddings. ~7.7M parameters.
   - Optimisation: fp32, AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1), 100 warm-up steps then
-    cosine decay, batch 16 random windows of 256 tokens, torch seed 0, 2 threads. Every step the
+    cosine decay to 0.1x over 600 steps, batch 16 random windows of 256 tokens, torch seed 0, 2 threads. Every step the
     router's `e_score_correction_bias` moves by 1e-3 towards balanced expert load (DeepSeek-V3's
     auxiliary-loss-free balancing), so every expert gets tokens.
   - Early stopping: held-out loss every 50 steps; stop after 4 evaluations without improvement,
@@ -25,6 +25,7 @@ Usage: python models/train_tiny_moe.py [--out models/tiny-deepseek-v3] [--max-st
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def build_config(vocab_size: int) -> DeepseekV3Config:
         n_shared_experts=1,
         n_group=1,
         topk_group=1,
-        routed_scaling_factor=1.0,
+        routed_scaling_factor=2.5,
         norm_topk_prob=True,
         max_position_embeddings=4096,
         num_nextn_predict_layers=0,
@@ -124,11 +125,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "models" / "tiny-deepseek-v3"))
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-steps", type=int, default=1200)
+    ap.add_argument("--max-steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--patience", type=int, default=4)
     args = ap.parse_args()
@@ -187,7 +188,8 @@ def main():
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(
-        {"recipe": "models/train_tiny_moe.py", "args": vars(args), "best_heldout_loss": best,
+        {"recipe": "models/train_tiny_moe.py",
+         "args": {**vars(args), "out": os.path.relpath(args.out, ROOT), "data": os.path.relpath(args.data, ROOT)}, "best_heldout_loss": best,
          "best_heldout_ppl": math.exp(best), "train_tokens": train_ids.numel(),
          "heldout_tokens": held_ids.numel()}, indent=2) + "\n")
     print(f"saved {out} (best held-out ppl {math.exp(best):.1f})")

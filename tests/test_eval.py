@@ -103,11 +103,18 @@ def test_directory_without_config(tmp_path):
 
 
 def test_model_that_is_not_a_causal_lm(tmp_path):
-    from transformers import BertConfig
+    from transformers import ViTConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
     assert_clear_error(run_eval("--model", str(tmp_path), "--data-file", str(WIKI_TEST)),
-                       "'bert'", "not a causal language model")
+                       "'vit'", "not a causal language model")
+
+
+def test_causal_lm_config_without_weights(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(TINY_MODEL).save_pretrained(tmp_path)
+    assert_clear_error(run_eval("--model", str(tmp_path), "--data-file", str(WIKI_TEST)), "cannot load the model")
 
 
 def test_unreadable_config(tmp_path):

@@ -64,4 +64,4 @@ def test_routed_experts_matter_and_all_get_tokens(tiny, windows):
         for name, p in model.named_parameters():
             if name in saved:
                 p.data.copy_(saved[name])
-    assert zeroed > 1.5 * base, f"ppl {base:.1f} -> {zeroed:.1f} with routed experts zeroed"
+    assert zeroed > 1.25 * base, f"ppl {base:.1f} -> {zeroed:.1f} with routed experts zeroed"
