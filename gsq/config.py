@@ -27,6 +27,7 @@ class Config:
     # grid
     bits: int = _f(2, "bits per expert weight (2: levels -2..1; 3, 4: local shifts)", choices=[2, 3, 4])
     group_size: int = _f(128, "input channels per scale")
+    method: str = _f("gsq", "gsq (learned codes), or the baselines gptq / rtn with the same grid", choices=["gsq", "gptq", "rtn"])
     # initialisation
     init: str = _f("gptq", "initial codes and scales", choices=["gptq", "rtn"])
     gptq_damp: float = _f(0.1, "GPTQ damping, fraction of mean diag(H)")
@@ -63,14 +64,20 @@ class Config:
     preset: str = _f("", "named settings applied before the flags: 'tiny' for the bundled model")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        """The resolved settings saved beside a checkpoint: everything that shapes its bytes (not where
+        it was written, nor whether the run was resumed)."""
+        shaping = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+        return json.dumps(shaping, indent=2) + "\n"
+
+
+RUN_CONTROL = ("out", "resume", "overwrite")
 
 
 PRESETS = {
     # The bundled tiny model on 2 CPU cores: 256 x 256 calibration tokens (~16k per expert),
     # 32 held-out windows of 256 tokens; learning rates scaled for 200-step runs.
     "tiny": dict(dataset="../shared/data/wikitext-2/wiki.valid.tokens", num_samples=256, seqlen=256,
-                 batch_tokens=1024, epochs=10.0, min_steps=200, lr_logits=2e-3, lr_scales=1e-4,
+                 batch_tokens=1024, epochs=10.0, min_steps=200, lr_logits=1e-3, lr_scales=1e-4,
                  eval_data="../shared/data/wikitext-2-raw/wiki.test.raw", eval_windows=32, eval_seqlen=256,
                  experts_per_batch=8),
 }

@@ -61,14 +61,15 @@ def init_expert(weights, x, cfg: Config, grid_bits: int):
     """(RTN codes+scales, init codes+scales) for gate, up, down of one expert on its tokens x."""
     rtn, init = [], []
     scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
+    use_gptq = cfg.init == "gptq" if cfg.method == "gsq" else cfg.method == "gptq"
     inputs = [x, x, None]
-    if x.shape[0] >= cfg.min_tokens and cfg.init == "gptq":
+    if x.shape[0] >= cfg.min_tokens and use_gptq:
         gate, up, _ = weights
         inputs[2] = F.silu(x @ gate.T) * (x @ up.T)
     for W, inp in zip(weights, inputs):
         s = gptq.mse_scales(W, grid_bits, cfg.group_size, **scale_args)
         rtn.append((gptq.rtn(W, s, grid_bits), s))
-        if x.shape[0] < cfg.min_tokens or cfg.init == "rtn":
+        if x.shape[0] < cfg.min_tokens or not use_gptq:
             init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
         else:
             init.append(gptq.gptq(W, inp.T @ inp, grid_bits, cfg.group_size, cfg.gptq_damp, cfg.gptq_block,
@@ -84,7 +85,7 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     fp = [tuple(w.float() for w in adapter.expert_weights(layer, e)) for e in range(E)]
     rtn, init = zip(*[init_expert(fp[e], xs[e].to(device).float(), cfg, cfg.bits) for e in range(E)])
     final = list(init)
-    trained = [e for e in range(E) if counts[e] >= cfg.min_tokens]
+    trained = [e for e in range(E) if counts[e] >= cfg.min_tokens and cfg.method == "gsq"]
     mean_tokens = sum(counts[e] for e in trained) / max(1, len(trained))
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * mean_tokens / cfg.batch_tokens))
     seeds = [(cfg.seed * 1_000_003 + i) * 100_003 + e for e in range(E)]
@@ -97,7 +98,7 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
         codes = [torch.stack([init[e][p][0] for e in batch]).to(device) for p in range(3)]
         scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
         module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
-                             torch.Generator().manual_seed(seeds[batch[0]]), local=local, qrange=qrange)
+                             [seeds[e] for e in batch], local=local, qrange=qrange)
         weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, dtype) for p in range(3))
         trajectory += optimize(module, [xs[e] for e in batch], weights, steps, cfg.batch_tokens, cfg,
                                [seeds[e] for e in batch], dtype)
@@ -107,7 +108,9 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     stats = {"layer": i, "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
              "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens]}
     errs = {"rtn": [], "init": [], "gsq": []}
-    for e in trained:
+    for e in range(E):
+        if counts[e] < cfg.min_tokens:
+            continue
         x = xs[e][: 4096].to(device, torch.float32)[None]
         ref = tuple(w[None] for w in fp[e])
         for name, q in (("rtn", rtn[e]), ("init", init[e]), ("gsq", final[e])):
@@ -241,6 +244,8 @@ def run(cfg: Config) -> dict:
         export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
                           cfg.max_shard_bytes)
         stream.unload_layer(model, i)
+        del layer, final
+        release_host_memory()
         stats["seconds"] = round(time.time() - t_layer, 1)
         stats["peak_rss_mb"] = peak_rss_mb()
         if device.type == "cuda":
@@ -255,7 +260,7 @@ def run(cfg: Config) -> dict:
         save_state(work, done, hidden, eval_hidden, record)
 
     out = Path(cfg.out)
-    run_config = Config(**{**vars(cfg), "resume": False, "overwrite": False}).to_json()
+    run_config = cfg.to_json()
     export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
     shutil.rmtree(work)
     ignore = ["lm_head"] + [f"re:.*layers\\.{j}\\." for j in mtp_layers(ckpt, arch, n_layers)]
@@ -278,6 +283,19 @@ def mtp_layers(ckpt, arch, n_layers: int) -> list:
     prefix = arch.layers_prefix + "."
     idx = {int(k[len(prefix):].split(".")[0]) for k in ckpt.keys() if k.startswith(prefix)}
     return sorted(j for j in idx if j >= n_layers)
+
+
+def release_host_memory():
+    """Hand freed heap pages back to the OS after a layer (glibc keeps them per thread arena
+    otherwise, and the process would grow with the number of layers)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def peak_rss_mb() -> float:

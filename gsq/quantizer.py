@@ -65,17 +65,21 @@ class ExpertCodes(torch.nn.Module):
 
     PROJS = ("gate", "up", "down")
 
-    def __init__(self, codes: list, scales: list, grid: torch.Tensor, sigma: float, alpha: float, generator,
+    def __init__(self, codes: list, scales: list, grid: torch.Tensor, sigma: float, alpha: float, seeds: list,
                  local: bool = False, qrange=(-2, 1), logits_dtype=torch.float32):
-        """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`. With `local`
-        (3, 4 bits) the grid holds shifts of the init code (local shifts) within `qrange`."""
+        """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `seeds`: one
+        per expert (its init noise). With `local` (3, 4 bits) the grid holds shifts of the init code
+        (local shifts) within `qrange`."""
         super().__init__()
         self.register_buffer("grid", grid)
         self.qrange = qrange
         self.base = [q if local else None for q in codes]
-        self.logits = torch.nn.ParameterList([torch.nn.Parameter(
-            init_logits(torch.zeros_like(q) if local else q, grid, sigma, alpha, generator).to(logits_dtype))
-            for q in codes])
+        self.logits = torch.nn.ParameterList()
+        for p, q in enumerate(codes):
+            start = torch.zeros_like(q) if local else q
+            self.logits.append(torch.nn.Parameter(torch.stack([
+                init_logits(start[j], grid, sigma, alpha, torch.Generator().manual_seed(seed * 4 + p))
+                for j, seed in enumerate(seeds)]).to(logits_dtype)))
         self.scales = torch.nn.ParameterList([torch.nn.Parameter(s.float().clone()) for s in scales])
 
     def soft(self, tau: float, kappa: float, seeds: torch.Tensor, dtype):

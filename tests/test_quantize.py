@@ -1,0 +1,128 @@
+"""`python -m gsq.quantize` end to end on the bundled tiny model (a small step budget that fits CI).
+
+The checkpoint is read back by transformers and by compressed-tensors' own unpacker; an interrupted
+run resumed with --resume gives the identical bytes; the source model is never touched.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from conftest import ROOT, TINY_MODEL
+from safetensors import safe_open
+
+# Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers.
+FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
+        "--batch-tokens", "128", "--scale-grid", "20", "--eval-every", "0"]
+
+
+def quantize(*args, wait=True):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch reference path on CPU
+    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(TINY_MODEL), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def digest(directory, skip=("gsq_run.json",)):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="module")
+def source_digest():
+    return digest(TINY_MODEL, skip=())
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, source_digest):
+    out = tmp_path_factory.mktemp("q") / "tiny-w2"
+    proc = quantize("--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_output_is_a_complete_checkpoint(quantized, source_digest):
+    names = {p.name for p in quantized.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "gsq_config.json", "gsq_run.json"} <= names
+    assert not (quantized.parent / (quantized.name + ".partial")).exists()
+    config = json.loads((quantized / "config.json").read_text())
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (2, 128, True)
+    saved = json.loads((quantized / "gsq_config.json").read_text())
+    assert saved["min_steps"] == 4 and saved["preset"] == "tiny" and "resume" not in saved
+    run = json.loads((quantized / "gsq_run.json").read_text())
+    moe = [layer for layer in run["layers"] if layer["moe"]]
+    assert len(moe) == 6 and all(len(layer["tokens_per_expert"]) == 8 for layer in moe)
+    assert digest(TINY_MODEL, skip=()) == source_digest  # the source is never modified
+
+
+def test_transformers_loads_exactly_our_codes(quantized):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.bfloat16)
+    index = json.loads((quantized / "model.safetensors.index.json").read_text())["weight_map"]
+    checked = 0
+    for layer in range(1, 7):
+        for e in (0, 5):
+            for proj, rows in (("gate_proj", slice(0, 128)), ("up_proj", slice(128, 256)), ("down_proj", None)):
+                key = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                with safe_open(quantized / index[key + ".weight_packed"], "pt") as f:
+                    packed, scale, shape = (f.get_tensor(key + s) for s in (".weight_packed", ".weight_scale", ".weight_shape"))
+                codes = unpack_from_int32(packed, 2, torch.Size(shape.tolist()))  # compressed-tensors' reader
+                assert codes.min() >= -2 and codes.max() <= 1
+                ours = (scale.float().repeat_interleave(128, dim=1) * codes.float()).to(torch.bfloat16)
+                experts = model.model.layers[layer].mlp.experts
+                loaded = experts.gate_up_proj[e][rows] if rows else experts.down_proj[e]
+                assert torch.equal(loaded, ours), key
+                checked += 1
+    assert checked == 36
+
+
+def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path):
+    out = tmp_path / "tiny-w2"
+    state = tmp_path / "tiny-w2.partial" / ".gsq-work" / "state.json"
+    proc = quantize("--out", str(out), *FAST, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["next_layer"] >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing that looks like a finished checkpoint
+    again = quantize("--out", str(out), *FAST)
+    assert again.returncode != 0 and "--resume" in again.stderr  # will not silently start over
+    resumed = quantize("--out", str(out), *FAST, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert digest(out) == digest(quantized)
+
+
+def test_existing_output_is_refused(quantized):
+    proc = quantize("--out", str(quantized), *FAST)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: output")
+    proc = quantize("--out", str(TINY_MODEL / "sub"), *FAST)
+    assert proc.returncode != 0 and "never written to" in proc.stderr
+
+
+def test_dense_model_is_refused(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=2048)).save_pretrained(tmp_path / "llama")
+    AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(tmp_path / "llama")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "gsq.quantize", "--model", str(tmp_path / "llama"),
+                           "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: unsupported architecture 'llama' (supported: deepseek_v3, kimi_k25, qwen3_moe, mixtral)"
