@@ -33,7 +33,7 @@ def doubled(src: Path, dst: Path):
     for key, value in tensors.items():
         m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
         if m and int(m.group(1)) >= 1:
-            extra[f"model.layers.{int(m.group(1)) + n - 1}.{m.group(2)}"] = value
+            extra[f"model.layers.{int(m.group(1)) + n - 1}.{m.group(2)}"] = value.clone()
     dst.mkdir(parents=True)
     save_file({**tensors, **extra}, dst / "model.safetensors", metadata={"format": "pt"})
     config["num_hidden_layers"] = 2 * n - 1

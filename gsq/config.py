@@ -27,7 +27,8 @@ class Config:
     # grid
     bits: int = _f(2, "bits per expert weight (2: levels -2..1; 3, 4: local shifts)", choices=[2, 3, 4])
     group_size: int = _f(128, "input channels per scale")
-    method: str = _f("gsq", "gsq (learned codes), or the baselines gptq / rtn with the same grid", choices=["gsq", "gptq", "rtn"])
+    method: str = _f("gsq", "gsq (learned codes), or the baselines gptq / rtn with the same grid",
+                     choices=["gsq", "gptq", "rtn"])
     # initialisation
     init: str = _f("gptq", "initial codes and scales", choices=["gptq", "rtn"])
     gptq_damp: float = _f(0.1, "GPTQ damping, fraction of mean diag(H)")

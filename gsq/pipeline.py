@@ -248,6 +248,7 @@ def run(cfg: Config) -> dict:
         release_host_memory()
         stats["seconds"] = round(time.time() - t_layer, 1)
         stats["peak_rss_mb"] = peak_rss_mb()
+        stats["rss_mb"] = current_rss_mb()
         if device.type == "cuda":
             stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         record["layers"].append(stats)
@@ -298,6 +299,13 @@ def release_host_memory():
         pass
 
 
+def current_rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        return float("nan")
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -305,7 +313,7 @@ def peak_rss_mb() -> float:
 
 
 def layer_summary(s: dict) -> str:
-    line = f"layer {s['layer']}: {s['seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB"
+    line = f"layer {s['layer']}: {s['seconds']:.1f}s, RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB)"
     if not s.get("moe"):
         return line + " (dense: kept as is)"
     c = sorted(s["tokens_per_expert"])

@@ -55,7 +55,8 @@ def skeleton(config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.requires_grad_(False)  # only GSQ's own tensors are ever trained
 
 
 def materialize(module: torch.nn.Module, state: dict, device, dtype) -> torch.nn.Module:

@@ -110,7 +110,8 @@ def _levels(grid_ptr, base_ptr, pid_e, offs_w, mask_m, offs_k, M, N, L: tl.const
 
 
 @triton.jit
-def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L: tl.constexpr, qmin, qmax, tau, kappa,
+def _tile(logits_ptr, scales_ptr, grid_ptr, base_ptr, seeds_ptr, noise_ptr, M, N, L: tl.constexpr, qmin, qmax,
+          tau, kappa,
           HAS_NOISE: tl.constexpr, HAS_BASE: tl.constexpr,
           BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr):
     """This program's (expert, row block, group) tile: probabilities p [BLOCK_M, G, BLOCK_L], level

@@ -189,7 +189,8 @@ def main():
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(
         {"recipe": "models/train_tiny_moe.py",
-         "args": {**vars(args), "out": os.path.relpath(args.out, ROOT), "data": os.path.relpath(args.data, ROOT)}, "best_heldout_loss": best,
+         "args": {**vars(args), "out": os.path.relpath(args.out, ROOT), "data": os.path.relpath(args.data, ROOT)},
+         "best_heldout_loss": best,
          "best_heldout_ppl": math.exp(best), "train_tokens": train_ids.numel(),
          "heldout_tokens": held_ids.numel()}, indent=2) + "\n")
     print(f"saved {out} (best held-out ppl {math.exp(best):.1f})")

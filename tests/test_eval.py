@@ -105,7 +105,8 @@ def test_directory_without_config(tmp_path):
 def test_model_that_is_not_a_causal_lm(tmp_path):
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config.save_pretrained(tmp_path)
     assert_clear_error(run_eval("--model", str(tmp_path), "--data-file", str(WIKI_TEST)),
                        "'vit'", "not a causal language model")
 

@@ -1,6 +1,7 @@
 """Fused Gumbel-Softmax fake-quant kernels against their plain-torch references (interpreter on CPU).
 
-Shapes are small and odd: in = 128 * 3, out = 13 (not a multiple of the row block), 2 experts.
+Shapes are small and odd: in = 128 * 3, out = 13 (not a multiple of the row block), 2 experts. On a
+GPU machine the inputs live on the GPU, so the compiled kernels are what is tested.
 """
 
 import math
@@ -10,16 +11,17 @@ import torch
 
 from gsq.kernels import fake_quant as FQ
 
-GRID = torch.tensor([-2.0, -1.0, 0.0, 1.0])
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GRID = torch.tensor([-2.0, -1.0, 0.0, 1.0], device=DEV)
 E, OUT, IN, G = 2, 13, 384, 128
 TAU, KAPPA = 0.7, 3.0
 
 
-def problem(dtype=torch.float32, seed=0, levels=4):
+def problem(dtype=torch.float32, seed=0, levels=4, device=DEV):
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(E, OUT, IN, levels, generator=gen).to(dtype)
-    scales = torch.randn(E, OUT, IN // G, generator=gen) * 0.05  # signed scales, as GSQ learns them
-    noise = FQ.gumbel_ref(torch.tensor([11, 12]), (OUT, IN, levels))
+    logits = torch.randn(E, OUT, IN, levels, generator=gen).to(device, dtype)
+    scales = (torch.randn(E, OUT, IN // G, generator=gen) * 0.05).to(device)  # signed, as GSQ learns them
+    noise = FQ.gumbel_ref(torch.tensor([11, 12]), (OUT, IN, levels), device)
     return logits, scales, noise
 
 
@@ -37,7 +39,7 @@ def test_backward_matches_reference_given_the_same_noise(dtype):
     logits, scales, noise = problem(dtype)
     logits.requires_grad_(True)
     scales.requires_grad_(True)
-    upstream = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(5)).to(DEV)
     w = FQ.soft_weights(logits, scales, GRID, TAU, KAPPA, [1, 2], noise=noise, out_dtype=torch.float32)
     w.backward(upstream)
     dlogits, dscales = FQ.soft_weights_bwd_ref(upstream, logits.detach(), scales.detach(), GRID, TAU, KAPPA, noise)
@@ -50,7 +52,7 @@ def test_backward_matches_reference_given_the_same_noise(dtype):
 @pytest.mark.parametrize("local_shifts", [False, True])
 def test_reference_gradient_matches_autograd_in_float64(local_shifts):
     gen = torch.Generator().manual_seed(7)
-    grid, base, levels = (GRID, None, 4) if not local_shifts else (torch.arange(-2.0, 3.0), None, 5)
+    grid, base, levels = (GRID.cpu(), None, 4) if not local_shifts else (torch.arange(-2.0, 3.0), None, 5)
     if local_shifts:  # 3-bit codes in [-4, 3] moved by -2..+2; shifts that leave the range are excluded
         base = torch.randint(-4, 4, (1, 5, 256), generator=gen, dtype=torch.int8)
     logits = torch.randn(1, 5, 256, levels, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -67,12 +69,12 @@ def test_reference_gradient_matches_autograd_in_float64(local_shifts):
 
 def test_local_shifts_kernel_matches_reference():
     gen = torch.Generator().manual_seed(9)
-    grid = torch.arange(-2.0, 3.0)
-    logits = torch.randn(E, OUT, IN, 5, generator=gen, requires_grad=True)
-    scales = torch.randn(E, OUT, IN // G, generator=gen, requires_grad=True)
-    base = torch.randint(-8, 8, (E, OUT, IN), generator=gen, dtype=torch.int8)
-    noise = FQ.gumbel_ref(torch.tensor([3, 4]), (OUT, IN, 5))
-    upstream = torch.randn(E, OUT, IN, generator=gen)
+    grid = torch.arange(-2.0, 3.0, device=DEV)
+    logits = torch.randn(E, OUT, IN, 5, generator=gen).to(DEV).requires_grad_(True)
+    scales = torch.randn(E, OUT, IN // G, generator=gen).to(DEV).requires_grad_(True)
+    base = torch.randint(-8, 8, (E, OUT, IN), generator=gen, dtype=torch.int8).to(DEV)
+    noise = FQ.gumbel_ref(torch.tensor([3, 4]), (OUT, IN, 5), DEV)
+    upstream = torch.randn(E, OUT, IN, generator=gen).to(DEV)
     w = FQ.soft_weights(logits, scales, grid, TAU, KAPPA, [3, 4], base, -8, 7, noise=noise)
     w.backward(upstream)
     want = FQ.soft_weights_ref(logits.detach(), scales.detach(), grid, TAU, KAPPA, noise, base, -8, 7)
@@ -90,8 +92,8 @@ def test_drawn_noise_is_bit_identical_in_forward_and_backward():
     # bit-identical results in both passes, so both passes drew exactly the dumped noise.
     logits, scales, _ = problem()
     seeds = [123, 456]
-    noise = FQ.gumbel_noise(seeds, (OUT, IN, 4), "cpu")
-    upstream = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(1))
+    noise = FQ.gumbel_noise(seeds, (OUT, IN, 4), DEV)
+    upstream = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(1)).to(DEV)
     results = []
     for injected in (None, noise):
         x, s = logits.clone().requires_grad_(True), scales.clone().requires_grad_(True)
@@ -103,7 +105,7 @@ def test_drawn_noise_is_bit_identical_in_forward_and_backward():
     # It is Gumbel(0, 1) noise (mean = Euler's gamma, variance pi^2 / 6), different per expert.
     assert abs(noise.mean().item() - 0.5772) < 0.02 and abs(noise.var().item() - math.pi**2 / 6) < 0.05
     assert not torch.equal(noise[0], noise[1])
-    assert torch.equal(FQ.gumbel_noise(seeds, (OUT, IN, 4), "cpu"), noise)
+    assert torch.equal(FQ.gumbel_noise(seeds, (OUT, IN, 4), DEV), noise)
 
 
 def test_batched_experts_equal_one_launch_per_expert():
@@ -132,15 +134,16 @@ def test_hard_codes_kernel_matches_reference():
 
 def test_cpu_fallback_is_the_reference(monkeypatch):
     monkeypatch.setattr(FQ, "INTERPRET", False)
-    logits, scales, _ = problem()
+    logits, scales, _ = problem(device="cpu")
     logits.requires_grad_(True)
     scales.requires_grad_(True)
-    w = FQ.soft_weights(logits, scales, GRID, TAU, KAPPA, [8, 9])
+    grid = GRID.cpu()
+    w = FQ.soft_weights(logits, scales, grid, TAU, KAPPA, [8, 9])
     noise = FQ.gumbel_ref(torch.tensor([8, 9]), (OUT, IN, 4))
-    torch.testing.assert_close(w, FQ.soft_weights_ref(logits, scales, GRID, TAU, KAPPA, noise))
+    torch.testing.assert_close(w, FQ.soft_weights_ref(logits, scales, grid, TAU, KAPPA, noise))
     upstream = torch.ones_like(w)
     w.backward(upstream)
-    dlogits, dscales = FQ.soft_weights_bwd_ref(upstream, logits.detach(), scales.detach(), GRID, TAU, KAPPA, noise)
+    dlogits, dscales = FQ.soft_weights_bwd_ref(upstream, logits.detach(), scales.detach(), grid, TAU, KAPPA, noise)
     torch.testing.assert_close(logits.grad, dlogits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scales.grad, dscales, rtol=1e-5, atol=1e-6)
 

@@ -7,6 +7,9 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from gsq.kernels import pack as P
 
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU: the compiled kernels are tested
+
+
 def random_codes(shape, bits, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), shape, generator=gen, dtype=torch.int8)
@@ -16,11 +19,11 @@ def random_codes(shape, bits, seed):
 @pytest.mark.parametrize("shape", [(5, 16), (3, 17), (7, 100), (13, 384), (1, 1), (2, 3, 45)])
 def test_pack_is_bit_exact_against_compressed_tensors(bits, shape):
     codes = random_codes(shape, bits, seed=sum(shape) + bits)
-    ours = P.pack(codes, bits)  # the Triton kernel (interpreter on CPU)
+    ours = P.pack(codes.to(DEV), bits).cpu()  # the Triton kernel (interpreter on CPU)
     theirs = pack_to_int32(codes, bits)
     assert ours.dtype == torch.int32 and torch.equal(ours, theirs)
     assert torch.equal(P.pack_ref(codes, bits), theirs)
-    assert torch.equal(P.unpack(ours, bits, shape[-1]), codes)
+    assert torch.equal(P.unpack(ours.to(DEV), bits, shape[-1]).cpu(), codes)
     assert torch.equal(P.unpack_ref(ours, bits, shape[-1]), codes)
     assert torch.equal(unpack_from_int32(ours, bits, torch.Size(shape)), codes)
 

@@ -75,7 +75,8 @@ def test_transformers_loads_exactly_our_codes(quantized):
             for proj, rows in (("gate_proj", slice(0, 128)), ("up_proj", slice(128, 256)), ("down_proj", None)):
                 key = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
                 with safe_open(quantized / index[key + ".weight_packed"], "pt") as f:
-                    packed, scale, shape = (f.get_tensor(key + s) for s in (".weight_packed", ".weight_scale", ".weight_shape"))
+                    packed, scale, shape = (f.get_tensor(key + s)
+                                            for s in (".weight_packed", ".weight_scale", ".weight_shape"))
                 codes = unpack_from_int32(packed, 2, torch.Size(shape.tolist()))  # compressed-tensors' reader
                 assert codes.min() >= -2 and codes.max() <= 1
                 ours = (scale.float().repeat_interleave(128, dim=1) * codes.float()).to(torch.bfloat16)
