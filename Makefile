@@ -36,7 +36,7 @@ test:
 bench:
 	$(PY) eval/bench_kernels.py
 
-# Re-train the bundled tiny MoE (about an hour on 2 CPU cores; deterministic).
+# Re-train the bundled tiny MoE (about 15 minutes on 2 CPU cores; deterministic).
 fixture:
 	$(PY) models/train_tiny_moe.py --out $(MODEL)
 

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 def _f(default, help, **kw):
@@ -109,8 +108,3 @@ def from_args(args: argparse.Namespace) -> Config:
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     return Config(**{**PRESETS.get(preset, {}), **given})
-
-
-def load(path: Path) -> Config:
-    data = json.loads(Path(path).read_text())
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

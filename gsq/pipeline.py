@@ -30,38 +30,47 @@ from gsq.quantizer import ExpertCodes, dequant, optimize, relative_error
 CHUNK = 8  # windows per forward pass through a layer
 
 
-def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
-    """One decoder layer over all windows `[N, S, H]` (stored on CPU or the device), chunk by chunk."""
-    out = torch.empty_like(hidden)
+def chunks(model, hidden: torch.Tensor, device):
+    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with positions and
+    rotary embeddings: (slice, states, position_ids, position_embeddings)."""
     pos = torch.arange(hidden.shape[1], device=device)[None]
-    with torch.no_grad():
-        for i in range(0, hidden.shape[0], CHUNK):
-            h = hidden[i : i + CHUNK].to(device)
-            pe = model.model.rotary_emb(h, pos)
-            out[i : i + CHUNK] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device)
+    for i in range(0, hidden.shape[0], CHUNK):
+        h = hidden[i : i + CHUNK].to(device)
+        yield slice(i, i + CHUNK), h, pos, model.model.rotary_emb(h, pos)
+
+
+@torch.no_grad()
+def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
+    """One decoder layer over all windows, chunk by chunk."""
+    out = torch.empty_like(hidden)
+    for rows, h, pos, pe in chunks(model, hidden, device):
+        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device)
     return out
 
 
+@torch.no_grad()
 def expert_inputs(model, layer, hidden: torch.Tensor, device):
     """Each routed expert's calibration inputs: the post-attention-norm states of the tokens the
     router sends it, `[n_e, H]` per expert (on the activations' device)."""
-    pos = torch.arange(hidden.shape[1], device=device)[None]
-    chunks = [[] for _ in range(adapter.num_experts(layer))]
-    with torch.no_grad():
-        for i in range(0, hidden.shape[0], CHUNK):
-            h = hidden[i : i + CHUNK].to(device)
-            x = adapter.post_attention_states(layer, h, pos, model.model.rotary_emb(h, pos))
-            _, idx = adapter.route(layer, x)
-            for e in range(len(chunks)):
-                chunks[e].append(x[(idx == e).any(-1)].to(hidden.device))
-    return [torch.cat(c) for c in chunks]
+    per_expert = [[] for _ in range(adapter.num_experts(layer))]
+    for _, h, pos, pe in chunks(model, hidden, device):
+        x = adapter.post_attention_states(layer, h, pos, pe)
+        _, idx = adapter.route(layer, x)
+        for e, parts in enumerate(per_expert):
+            parts.append(x[(idx == e).any(-1)].to(hidden.device))
+    return [torch.cat(parts) for parts in per_expert]
+
+
+def uses_gptq(cfg: Config) -> bool:
+    """Whether the init (or, for --method gptq, the result) is GPTQ rather than RTN."""
+    return cfg.init == "gptq" if cfg.method == "gsq" else cfg.method == "gptq"
 
 
 def init_expert(weights, x, cfg: Config, grid_bits: int):
     """(RTN codes+scales, init codes+scales) for gate, up, down of one expert on its tokens x."""
     rtn, init = [], []
     scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
-    use_gptq = cfg.init == "gptq" if cfg.method == "gsq" else cfg.method == "gptq"
+    use_gptq = uses_gptq(cfg)
     inputs = [x, x, None]
     if x.shape[0] >= cfg.min_tokens and use_gptq:
         gate, up, _ = weights
@@ -105,7 +114,8 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
         hard = module.hard(dtype)
         for j, e in enumerate(batch):
             final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
-    stats = {"layer": i, "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
+    stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
+             "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
              "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens]}
     errs = {"rtn": [], "init": [], "gsq": []}
     for e in range(E):
@@ -252,7 +262,7 @@ def run(cfg: Config) -> dict:
         if device.type == "cuda":
             stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         record["layers"].append(stats)
-        print(layer_summary(stats))
+        tqdm.write(layer_summary(stats))
         done = i + 1
         if windows is not None and (done % cfg.eval_every == 0 or done == n_layers):
             ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, dtype)
@@ -317,9 +327,10 @@ def layer_summary(s: dict) -> str:
     if not s.get("moe"):
         return line + " (dense: kept as is)"
     c = sorted(s["tokens_per_expert"])
-    line += (f", tokens/expert min {c[0]} median {c[len(c) // 2]} max {c[-1]}, {s['steps']} steps; "
-             f"rel. output error RTN {s['err_rtn']:.4f} -> {'GPTQ' if s.get('err_init') else 'init'} "
-             f"{s['err_init']:.4f} -> GSQ {s['err_gsq']:.4f}")
+    line += (f", tokens/expert min {c[0]} median {c[len(c) // 2]} max {c[-1]}; "
+             f"rel. output error RTN {s['err_rtn']:.4f} -> {s['init']} {s['err_init']:.4f}")
+    if s["method"] == "gsq":
+        line += f" -> GSQ {s['err_gsq']:.4f} ({s['steps']} steps)"
     if s["rtn_init_experts"]:
         line += f"; experts with < min-tokens kept at MSE-RTN: {s['rtn_init_experts']}"
     return line

@@ -63,8 +63,6 @@ def swiglu(x, gate, up, down):
 class ExpertCodes(torch.nn.Module):
     """The learnable tensors of E experts: per projection, logits `[E, out, in, L]` and scales."""
 
-    PROJS = ("gate", "up", "down")
-
     def __init__(self, codes: list, scales: list, grid: torch.Tensor, sigma: float, alpha: float, seeds: list,
                  local: bool = False, qrange=(-2, 1), logits_dtype=torch.float32):
         """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `seeds`: one

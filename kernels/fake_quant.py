@@ -204,7 +204,8 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _prepare(logits, scales, grid, seeds, base):
-    """Validate and view everything as `[E, ...]`; returns tensors, (E, M, N, L), group size."""
+    """Validate and view everything as `[E, ...]`; returns tensors, (E, M, N, L), group size.
+    `seeds=None`: no noise is drawn (hard codes)."""
     if logits.dim() not in (3, 4):
         raise ValueError(f"logits must be [out, in, L] or [E, out, in, L], got {tuple(logits.shape)}")
     squeeze = logits.dim() == 3
@@ -223,9 +224,10 @@ def _prepare(logits, scales, grid, seeds, base):
         raise ValueError(f"base codes {tuple(base.shape)} do not fit logits {tuple(logits.shape)}")
     if M * N * L >= 2**31:
         raise ValueError("one expert's logits must have fewer than 2**31 elements")
-    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(logits.device)
-    if seeds.numel() != E:
-        raise ValueError(f"need one seed per expert ({E}), got {seeds.numel()}")
+    if seeds is not None:
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(logits.device)
+        if seeds.numel() != E:
+            raise ValueError(f"need one seed per expert ({E}), got {seeds.numel()}")
     grid = grid.to(device=logits.device, dtype=torch.float32).contiguous()
     scales = scales.float().contiguous()
     base = None if base is None else base.to(torch.int8).contiguous()
@@ -313,8 +315,7 @@ def gumbel_noise(seeds, shape, device):
 @torch.no_grad()
 def hard_codes(logits, scales, grid, base=None, qmin=-128, qmax=127):
     """Final codes: argmax of the logits (no noise) -> int8 codes and dequantized weight (fp32)."""
-    experts = 1 if logits.dim() == 3 else logits.shape[0]
-    logits, scales, grid, _, base, (E, M, N, L), group, squeeze = _prepare(logits, scales, grid, [0] * experts, base)
+    logits, scales, grid, _, base, (E, M, N, L), group, squeeze = _prepare(logits, scales, grid, None, base)
     if not _use_triton(logits):
         codes, deq = hard_codes_ref(logits, scales, grid, base, qmin, qmax)
     else:
