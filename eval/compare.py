@@ -1,0 +1,93 @@
+"""Side by side: quantize one model with several methods (or settings) and evaluate each against it.
+
+    python eval/compare.py --model models/tiny-deepseek-v3 [--run NAME=ARGS ...] [--record PATH]
+
+Each run is `python -m gsq.quantize --model MODEL --out WORK/NAME ARGS` (the bundled tiny model gets
+`--preset tiny` first), then `python -m gsq.eval --model WORK/NAME --reference MODEL --json` on the
+WikiText-2 test split: KL(original || quantized), top-1 agreement and perplexity. Without --run the
+three methods are compared on equal terms: gsq, gptq, rtn. Prints a Markdown table and writes a JSON
+record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory).
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = (ROOT / "models" / "tiny-deepseek-v3").resolve()
+DEFAULT_RUNS = ["gsq=--method gsq", "gptq=--method gptq", "rtn=--method rtn"]
+
+
+def run_one(name: str, extra: str, args) -> dict:
+    out = Path(args.work) / name
+    quantize = [sys.executable, "-m", "gsq.quantize", "--model", args.model, "--out", str(out), "--overwrite"]
+    if Path(args.model).resolve() == TINY:
+        quantize += ["--preset", "tiny"]
+    quantize += shlex.split(extra)
+    t0 = time.time()
+    subprocess.run(quantize, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+    seconds = time.time() - t0
+    evaluate = [sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", args.model,
+                "--data-file", args.data_file, "--seqlen", str(args.seqlen), "--json"]
+    if args.max_windows:
+        evaluate += ["--max-windows", str(args.max_windows)]
+    metrics = json.loads(subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout)
+    record = json.loads((out / "gsq_run.json").read_text())
+    layers = [{k: l[k] for k in ("layer", "steps", "err_rtn", "err_init", "err_gsq", "err_per_expert", "seconds")}
+              for l in record["layers"] if l.get("moe")]
+    row = {"args": extra, "ppl": metrics["ppl"], "kl": metrics["kl"], "top1": metrics["top1"],
+           "windows": metrics["windows"], "quantize_seconds": round(seconds, 1),
+           "peak_rss_mb": record["peak_rss_mb"], "ppl_watch": record["ppl"], "layers": layers}
+    print(f"{name}: KL {row['kl']:.5f}  top-1 {100 * row['top1']:.2f}%  ppl {row['ppl']:.3f}  "
+          f"({seconds:.0f}s)", flush=True)
+    return row
+
+
+def table(runs: dict, base: str) -> str:
+    lines = ["| method | KL to original | top-1 agreement | perplexity | KL / " + base + " | quantize time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        ratio = r["kl"] / runs[base]["kl"] if base in runs else float("nan")
+        lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1']:.2f}% | {r['ppl']:.2f} | {ratio:.2f} | "
+                     f"{r['quantize_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
+    ap.add_argument("--run", action="append", help="NAME=QUANTIZE_ARGS (repeatable; default: gsq, gptq, rtn)")
+    ap.add_argument("--data-file", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--max-windows", type=int)
+    ap.add_argument("--work", default="out/compare", help="where the checkpoints are written")
+    ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by")
+    ap.add_argument("--record", help="JSON record (default eval/results/<model>-compare-<date>.json)")
+    ap.add_argument("--quiet", action="store_true", help="hide the quantize runs' output")
+    args = ap.parse_args()
+
+    runs = {}
+    for spec in args.run or DEFAULT_RUNS:
+        name, _, extra = spec.partition("=")
+        runs[name] = run_one(name, extra, args)
+    print(table(runs, args.base))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    record = {"date": date.today().isoformat(), "commit": commit, "device": device, "model": args.model,
+              "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows},
+              "runs": runs}
+    path = Path(args.record or f"eval/results/{Path(args.model).name}-compare-{date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"recorded {path}")
+
+
+if __name__ == "__main__":
+    main()
