@@ -34,17 +34,18 @@ def chunks(model, hidden: torch.Tensor, device):
     """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with positions and
     rotary embeddings: (slice, states, position_ids, position_embeddings)."""
     pos = torch.arange(hidden.shape[1], device=device)[None]
+    compute = model.lm_head.weight.dtype  # the globals were loaded in the compute dtype
     for i in range(0, hidden.shape[0], CHUNK):
-        h = hidden[i : i + CHUNK].to(device)
+        h = hidden[i : i + CHUNK].to(device, compute)
         yield slice(i, i + CHUNK), h, pos, model.model.rotary_emb(h, pos)
 
 
 @torch.no_grad()
 def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
-    """One decoder layer over all windows, chunk by chunk."""
+    """One decoder layer over all windows, chunk by chunk (outputs stored like the inputs)."""
     out = torch.empty_like(hidden)
     for rows, h, pos, pe in chunks(model, hidden, device):
-        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device)
+        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device, out.dtype)
     return out
 
 
@@ -57,7 +58,7 @@ def expert_inputs(model, layer, hidden: torch.Tensor, device):
         x = adapter.post_attention_states(layer, h, pos, pe)
         _, idx = adapter.route(layer, x)
         for e, parts in enumerate(per_expert):
-            parts.append(x[(idx == e).any(-1)].to(hidden.device))
+            parts.append(x[(idx == e).any(-1)].to(hidden.device, hidden.dtype))
     return [torch.cat(parts) for parts in per_expert]
 
 
@@ -86,8 +87,9 @@ def init_expert(weights, x, cfg: Config, grid_bits: int):
     return rtn, init
 
 
-def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
-    """Codes and scales of every routed expert of layer i, and the layer's statistics."""
+def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype, compute):
+    """Codes and scales of every routed expert of layer i, and the layer's statistics. `dtype`: the
+    checkpoint's (scales are rounded to it); `compute`: the dtype the layer runs in."""
     xs = expert_inputs(model, layer, hidden, device)
     counts = [x.shape[0] for x in xs]
     E = len(xs)
@@ -108,9 +110,9 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
         scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
         module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
                              [seeds[e] for e in batch], local=local, qrange=qrange)
-        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, dtype) for p in range(3))
+        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, compute) for p in range(3))
         trajectory += optimize(module, [xs[e] for e in batch], weights, steps, cfg.batch_tokens, cfg,
-                               [seeds[e] for e in batch], dtype)
+                               [seeds[e] for e in batch], compute)
         hard = module.hard(dtype)
         for j, e in enumerate(batch):
             final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
@@ -128,7 +130,7 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     stats.update({f"err_{k}": sum(v) / max(1, len(v)) for k, v in errs.items()}, err_per_expert=errs,
                  loss_trajectory=trajectory[-1:] if trajectory else [])
     for e in range(E):  # the quantized experts, exactly as the checkpoint will dequantize them
-        adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in final[e]))
+        adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in final[e]))  # exact in dtype
     return final, stats
 
 
@@ -146,18 +148,18 @@ def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     return tensors
 
 
-def perplexity(model, ckpt, arch, eval_hidden, windows, first_original: int, device, dtype) -> float:
+def perplexity(model, ckpt, arch, eval_hidden, windows, first_original: int, device, compute) -> float:
     """Perplexity with layers before `first_original` quantized (their outputs are `eval_hidden`)
     and the original layers from there on, streamed from the checkpoint."""
     h = eval_hidden
     for j in range(first_original, len(model.model.layers)):
-        layer = stream.load_layer(ckpt, model, arch, j, device, dtype)
+        layer = stream.load_layer(ckpt, model, arch, j, device, compute)
         h = forward(model, layer, h, device)
         stream.unload_layer(model, j)
     sums = []
     with torch.no_grad():
         for n in range(h.shape[0]):
-            logits = model.lm_head(model.model.norm(h[n : n + 1].to(device)))[0]
+            logits = model.lm_head(model.model.norm(h[n : n + 1].to(device, compute)))[0]
             sums.append(window_sums(logits, windows[n]))
     return summarize(sums)["ppl"]
 
@@ -198,6 +200,7 @@ def save_state(work: Path, next_layer: int, hidden, eval_hidden, record: dict):
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
+    map_large_host_buffers()
     device = torch.device(pick_device(cfg.device))
     src = check_model_dir(cfg.model)
     from transformers import AutoConfig, AutoTokenizer
@@ -212,8 +215,12 @@ def run(cfg: Config) -> dict:
     work = root / ".gsq-work"
     dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    # On a CPU the layers run in float32: bf16 matmuls there go through oneDNN, which keeps state for
+    # every new shape (MoE token counts make every shape new) and grows the process layer by layer;
+    # float32 is also no slower there. Activations are stored in the checkpoint's dtype either way.
+    compute = torch.float32 if device.type == "cpu" else dtype
     tokenizer = AutoTokenizer.from_pretrained(src)
-    stream.load_globals(ckpt, model, arch, device, dtype)
+    stream.load_globals(ckpt, model, arch, device, compute)
     store = device if device.type == "cuda" else torch.device("cpu")
     windows = None
     if cfg.eval_every:
@@ -232,21 +239,21 @@ def run(cfg: Config) -> dict:
         print(f"calibration: {note}")
         start, record = 0, {"calibration": note, "layers": [], "ppl": []}
         with torch.no_grad():
-            hidden = model.model.embed_tokens(ids.to(device)).to(store)
-            eval_hidden = None if windows is None else model.model.embed_tokens(windows.to(device)).to(store)
+            hidden = model.model.embed_tokens(ids.to(device)).to(store, dtype)
+            eval_hidden = None if windows is None else model.model.embed_tokens(windows.to(device)).to(store, dtype)
         if windows is not None:
             record["ppl"].append({"layers_quantized": 0, "ppl": perplexity(
-                model, ckpt, arch, eval_hidden, windows, 0, device, dtype)})
+                model, ckpt, arch, eval_hidden, windows, 0, device, compute)})
             print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
 
     for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers):
         t_layer = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        layer = stream.load_layer(ckpt, model, arch, i, device, dtype)
+        layer = stream.load_layer(ckpt, model, arch, i, device, compute)
         final, stats = None, {"layer": i, "moe": False}
         if adapter.is_moe(layer):
-            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype)
+            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype, compute)
             stats["moe"] = True
         hidden = forward(model, layer, hidden, device)
         if eval_hidden is not None:
@@ -265,7 +272,7 @@ def run(cfg: Config) -> dict:
         tqdm.write(layer_summary(stats))
         done = i + 1
         if windows is not None and (done % cfg.eval_every == 0 or done == n_layers):
-            ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, dtype)
+            ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, compute)
             record["ppl"].append({"layers_quantized": done, "ppl": ppl})
             print(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
         save_state(work, done, hidden, eval_hidden, record)
@@ -296,17 +303,33 @@ def mtp_layers(ckpt, arch, n_layers: int) -> list:
     return sorted(j for j in idx if j >= n_layers)
 
 
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def map_large_host_buffers():
+    """Have glibc map every host buffer of 1 MiB or more on its own and unmap it when freed. By
+    default it raises that threshold each time such a buffer is freed and then serves the GPTQ and
+    scale-search temporaries from its heap, which fragments: the peak grew by hundreds of MB."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def release_host_memory():
     """Hand freed heap pages back to the OS after a layer (glibc keeps them per thread arena
     otherwise, and the process would grow with the number of layers)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def current_rss_mb() -> float:

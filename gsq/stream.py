@@ -1,10 +1,13 @@
 """Stream a safetensors model one decoder layer at a time: never the whole model in memory.
 
 The model skeleton is built from config.json on the meta device (no memory); a layer is
-materialised from the shards when the pipeline reaches it and dropped after.
+materialised from the shards when the pipeline reaches it and dropped after. A compressed-tensors
+source (Kimi-K2.5 ships its experts as int4 pack-quantized) is read through compressed-tensors'
+own decompressor, module by module as it is loaded: the rest of gsq sees plain `P.weight` tensors.
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -30,24 +33,71 @@ class Checkpoint:
         missing = sorted({str(p.name) for p in self.where.values() if not p.is_file()})
         if missing:
             raise InputError(f"shard(s) listed in the index are missing: {', '.join(missing)}")
+        self.files = dict(self.where)  # on-disk names
+        self.compressed = compressed_modules(self.root, self.files)  # "P.weight" -> (compressor, scheme, parts)
+        for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
+            self.where[name] = self.files[parts["weight_packed"]]
+            for disk_name in parts.values():
+                del self.where[disk_name]
 
     def keys(self):
+        """Logical tensor names: a compressed module appears as its dense `P.weight`."""
         return self.where.keys()
 
     def load(self, names, device="cpu") -> dict:
+        raw = [p for n in names for p in (self.compressed[n][2].values() if n in self.compressed else [n])]
         by_file = {}
-        for name in names:
-            by_file.setdefault(self.where[name], []).append(name)
+        for name in raw:
+            by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for path, group in by_file.items():
             with safe_open(path, "pt", device=str(device)) as f:
                 for name in group:
                     out[name] = f.get_tensor(name)
+        for name in names:
+            if name in self.compressed:
+                compressor, scheme, parts = self.compressed[name]
+                local = {part: out.pop(disk_name) for part, disk_name in parts.items()}
+                out[name] = compressor.decompress(local, scheme)["weight"]
         return out
 
     def layer_keys(self, arch: adapter.Arch, i: int) -> list:
         prefix = f"{arch.layers_prefix}.{i}."
         return sorted(k for k in self.where if k.startswith(prefix))
+
+
+def compressed_modules(root: Path, where: dict) -> dict:
+    """Modules stored compressed by compressed-tensors (`P.weight_packed`, `P.weight_scale`, ...), each
+    with the decompressor of the checkpoint's format and the scheme of the config group that targets it."""
+    packed = [k[: -len(".weight_packed")] for k in where if k.endswith(".weight_packed")]
+    if not packed:
+        return {}
+    config = json.loads((root / "config.json").read_text())
+    qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise InputError(f"{root} has packed weights ({packed[0]}.weight_packed) but no compressed-tensors "
+                         "quantization_config in config.json")
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.compressors import BaseCompressor
+
+    qc = QuantizationConfig.model_validate(qc)
+    try:
+        compressor = BaseCompressor.get_value_from_registry(qc.format)
+    except Exception as exc:
+        raise InputError(f"compressed-tensors format '{qc.format}' of {root} cannot be decompressed") from exc
+    modules = {}
+    for prefix in packed:
+        scheme = next((g for g in qc.config_groups.values()
+                       if any(t == "Linear" or t == prefix or (t.startswith("re:") and re.match(t[3:], prefix))
+                              for t in g.targets)), None)
+        if scheme is None:
+            raise InputError(f"no quantization_config group of {root} targets {prefix}")
+        parts = {p: f"{prefix}.{p}" for p in compressor.compression_param_names(scheme)}
+        lost = [n for n in parts.values() if n not in where]
+        if lost:
+            raise InputError(f"compressed module {prefix} lacks {', '.join(lost)}")
+        modules[prefix + ".weight"] = (compressor, scheme, parts)
+    return modules
 
 
 def skeleton(config):

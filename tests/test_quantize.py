@@ -23,9 +23,9 @@ FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-ste
         "--batch-tokens", "128", "--scale-grid", "20", "--eval-every", "0"]
 
 
-def quantize(*args, wait=True):
+def quantize(*args, wait=True, model=TINY_MODEL):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch reference path on CPU
-    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(TINY_MODEL), *args]
+    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(model), *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
