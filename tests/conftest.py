@@ -1,6 +1,9 @@
 """Shared paths: the bundled tiny model and the offline WikiText-2 copy in ../shared/data."""
 
+import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,34 @@ def wiki_rows():
     from gsq.eval import wikitext_rows
 
     return wikitext_rows(str(WIKI_TEST))
+
+
+# Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers.
+FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
+        "--batch-tokens", "128", "--scale-grid", "20", "--eval-every", "0"]
+
+
+def quantize(*args, wait=True, model=TINY_MODEL):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch reference path on CPU
+    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(model), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def digest(directory, skip=("gsq_run.json",)):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="session")
+def source_digest():
+    return digest(TINY_MODEL, skip=())
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory, source_digest):
+    out = tmp_path_factory.mktemp("q") / "tiny-w2"
+    proc = quantize("--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -4,7 +4,6 @@ The checkpoint is read back by transformers and by compressed-tensors' own unpac
 run resumed with --resume gives the identical bytes; the source model is never touched.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -12,41 +11,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from conftest import ROOT, TINY_MODEL
+from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
 from safetensors import safe_open
-
-# Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers.
-FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
-        "--batch-tokens", "128", "--scale-grid", "20", "--eval-every", "0"]
-
-
-def quantize(*args, wait=True, model=TINY_MODEL):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch reference path on CPU
-    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(model), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-
-
-def digest(directory, skip=("gsq_run.json",)):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
-
-
-@pytest.fixture(scope="module")
-def source_digest():
-    return digest(TINY_MODEL, skip=())
-
-
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory, source_digest):
-    out = tmp_path_factory.mktemp("q") / "tiny-w2"
-    proc = quantize("--out", str(out), *FAST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 def test_output_is_a_complete_checkpoint(quantized, source_digest):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from conftest import TINY_MODEL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_quantize import FAST, quantize
+from conftest import FAST, TINY_MODEL, quantize
 
 from gsq import stream
 from gsq.kernels.pack import unpack_ref

@@ -1,0 +1,111 @@
+"""`python -m gsq.inspect DIR [--original DIR] [--json]`: what a compressed-tensors checkpoint holds.
+
+Per decoder layer: the number of quantized tensors, their storage in bits per weight (packed codes
+plus scales, padding included) and the most distinct codes any one group uses (at most 2^bits: 4 at
+2 bits, whatever the container). Then the totals and the checkpoint's size against the original's
+(`--original`, else the source recorded in gsq_config.json when it is still there). The codes are
+read with compressed-tensors' own unpacker, not gsq's.
+"""
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gsq.errors import InputError, run_cli
+
+LAYER = re.compile(r".*layers\.(\d+)\.")
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def max_distinct_per_group(codes: torch.Tensor, group: int) -> int:
+    g = codes.view(codes.shape[0], -1, group).sort(-1).values
+    return int(((g[..., 1:] != g[..., :-1]).sum(-1) + 1).max())
+
+
+def inspect(path: Path) -> dict:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path} is not a checkpoint directory (no config.json)")
+    qc = json.loads(config_file.read_text()).get("quantization_config")
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")
+    (scheme,) = qc["config_groups"].values()
+    container, group = scheme["weights"]["num_bits"], scheme["weights"]["group_size"]
+    run = json.loads((path / "gsq_config.json").read_text()) if (path / "gsq_config.json").is_file() else {}
+    bits = run.get("bits", container)
+    layers = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0, "max_distinct": 0})
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                if not name.endswith(".weight_packed"):
+                    continue
+                key = name[: -len(".weight_packed")]
+                packed, scale = f.get_tensor(name), f.get_tensor(key + ".weight_scale")
+                shape = f.get_tensor(key + ".weight_shape")
+                codes = unpack_from_int32(packed, container, shape)
+                m = LAYER.match(name)
+                row = layers[int(m.group(1)) if m else -1]
+                row["tensors"] += 1
+                row["weights"] += codes.numel()
+                row["bytes"] += packed.numel() * packed.element_size() + scale.numel() * scale.element_size()
+                row["max_distinct"] = max(row["max_distinct"], max_distinct_per_group(codes, group))
+    if not layers:
+        raise InputError(f"{path} holds no packed (weight_packed) tensors")
+    total = {k: sum(r[k] for r in layers.values()) for k in ("tensors", "weights", "bytes")}
+    report = {"checkpoint": str(path), "bits": bits, "container_bits": container, "group_size": group,
+              "layers": {i: {**r, "bits_per_weight": 8 * r["bytes"] / r["weights"]} for i, r in sorted(layers.items())},
+              "quantized": {**total, "bits_per_weight": 8 * total["bytes"] / total["weights"],
+                            "max_distinct": max(r["max_distinct"] for r in layers.values())},
+              "checkpoint_bytes": checkpoint_bytes(path)}
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gsq.inspect", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="compressed-tensors checkpoint directory (e.g. written by gsq.quantize)")
+    ap.add_argument("--original", help="the unquantized source, for the size comparison")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise InputError(f"checkpoint directory not found: {path}")
+    report = inspect(path)
+    original = args.original
+    if original is None and (path / "gsq_config.json").is_file():
+        original = json.loads((path / "gsq_config.json").read_text()).get("model")
+    if original and Path(original).is_dir():
+        report["original"], report["original_bytes"] = original, checkpoint_bytes(Path(original))
+    elif args.original:
+        raise InputError(f"--original {args.original} is not a directory")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{path}: {report['bits']}-bit codes in {report['container_bits']}-bit words, group {report['group_size']}")
+    print(f"{'layer':>6}{'tensors':>9}{'weights':>12}{'bits/weight':>13}{'max codes/group':>17}")
+    for i, r in report["layers"].items():
+        print(f"{i:>6}{r['tensors']:>9}{r['weights']:>12}{r['bits_per_weight']:>13.3f}{r['max_distinct']:>17}")
+    q = report["quantized"]
+    print(f"quantized: {q['tensors']} tensors, {q['weights']} weights in {q['bytes'] / 2**20:.2f} MiB = "
+          f"{q['bits_per_weight']:.3f} bits/weight (codes + scales); at most {q['max_distinct']} codes per group")
+    line = f"checkpoint: {report['checkpoint_bytes'] / 2**20:.2f} MiB"
+    if "original_bytes" in report:
+        line += (f", original {report['original_bytes'] / 2**20:.2f} MiB "
+                 f"({report['checkpoint_bytes'] / report['original_bytes']:.3f}x)")
+    print(line)
+    if q["max_distinct"] > 2 ** report["bits"]:
+        raise InputError(f"a group uses {q['max_distinct']} distinct codes, more than {2 ** report['bits']} "
+                         f"for {report['bits']}-bit quantization")
+
+
+if __name__ == "__main__":
+    run_cli(main)
