@@ -11,13 +11,13 @@ TINY := models/tiny-deepseek-v3
 PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny,)
 ARGS ?=
 
-.PHONY: install quantize eval test bench fixture fixture-report
+.PHONY: install quantize eval compare inspect test bench fixture fixture-report
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[lm-eval,dev]'
+	$(PY) -m pip install --quiet -e '.[lm-eval,dev,report]'
 
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
 quantize:
@@ -26,6 +26,14 @@ quantize:
 # WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
 eval:
 	$(PY) -m gsq.eval --model $(MODEL) --data-file $(DATA)/wikitext-2-raw/wiki.test.raw --seqlen $(SEQLEN)
+
+# GSQ vs GPTQ vs RTN on MODEL, each evaluated against it: table, JSON record and plots under eval/results/.
+compare:
+	$(PY) eval/compare.py --model $(MODEL) --work out/compare $(ARGS)
+
+# What a quantized checkpoint holds: bits per weight per layer, codes per group, size vs the original.
+inspect:
+	$(PY) -m gsq.inspect $(OUT)
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test:

@@ -6,7 +6,9 @@ Each run is `python -m gsq.quantize --model MODEL --out WORK/NAME ARGS` (the bun
 `--preset tiny` first), then `python -m gsq.eval --model WORK/NAME --reference MODEL --json` on the
 WikiText-2 test split: KL(original || quantized), top-1 agreement and perplexity. Without --run the
 three methods are compared on equal terms: gsq, gptq, rtn. Prints a Markdown table and writes a JSON
-record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory).
+record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory),
+the table beside it (.md) and two plots (.png, with matplotlib): perplexity as layers are quantized,
+per method, and the distribution over experts of GSQ's reconstruction-error reduction against its init.
 """
 
 import argparse
@@ -60,6 +62,46 @@ def table(runs: dict, base: str) -> str:
     return "\n".join(lines)
 
 
+def plots(runs: dict, stem: Path) -> list:
+    """PNG plots next to the record: perplexity watch per method; GSQ's per-expert error reduction."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'gsq[report]')")
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in runs.items():
+        watch = r["ppl_watch"]
+        ax.plot([w["layers_quantized"] for w in watch], [w["ppl"] for w in watch], marker="o", label=name)
+    ax.set(xlabel="decoder layers quantized (the rest original)", ylabel="WikiText-2 perplexity (held-out windows)",
+           title="Perplexity while the run goes on")
+    ax.legend()
+    fig.tight_layout()
+    paths = [stem.with_name(stem.name + "-ppl.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    reductions = {}  # runs that learned codes: for gptq/rtn the final error is the init's
+    for name, r in runs.items():
+        per_expert = [1 - g / i for l in r["layers"]
+                      for g, i in zip(l["err_per_expert"]["gsq"], l["err_per_expert"]["init"]) if i > 0]
+        if any(per_expert):
+            reductions[name] = per_expert
+    if reductions:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(list(reductions.values()), bins=20, label=list(reductions), alpha=0.8)
+        ax.set(xlabel="1 - err(GSQ) / err(init), per expert", ylabel="experts",
+               title="GSQ's reconstruction-error reduction over its GPTQ init")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(stem.with_name(stem.name + "-experts.png"))
+        fig.savefig(paths[1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
@@ -86,7 +128,10 @@ def main():
     path = Path(args.record or f"eval/results/{Path(args.model).name}-compare-{date.today()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"recorded {path}")
+    path.with_suffix(".md").write_text(table(runs, args.base) + "\n")
+    print(f"recorded {path} and its table (.md)")
+    for png in plots(runs, path.with_suffix("")):
+        print(f"plotted {png}")
 
 
 if __name__ == "__main__":

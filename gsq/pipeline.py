@@ -87,9 +87,9 @@ def init_expert(weights, x, cfg: Config, grid_bits: int):
     return rtn, init
 
 
-def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype, compute):
-    """Codes and scales of every routed expert of layer i, and the layer's statistics. `dtype`: the
-    checkpoint's (scales are rounded to it); `compute`: the dtype the layer runs in."""
+def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
+    """Codes and scales of every routed expert of layer i, and the layer's statistics. GSQ trains in
+    `dtype`, the checkpoint's, and its scales are rounded to it."""
     xs = expert_inputs(model, layer, hidden, device)
     counts = [x.shape[0] for x in xs]
     E = len(xs)
@@ -110,9 +110,9 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype, com
         scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
         module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
                              [seeds[e] for e in batch], local=local, qrange=qrange)
-        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, compute) for p in range(3))
+        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, dtype) for p in range(3))
         trajectory += optimize(module, [xs[e] for e in batch], weights, steps, cfg.batch_tokens, cfg,
-                               [seeds[e] for e in batch], compute)
+                               [seeds[e] for e in batch], dtype)
         hard = module.hard(dtype)
         for j, e in enumerate(batch):
             final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
@@ -217,7 +217,8 @@ def run(cfg: Config) -> dict:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     # On a CPU the layers run in float32: bf16 matmuls there go through oneDNN, which keeps state for
     # every new shape (MoE token counts make every shape new) and grows the process layer by layer;
-    # float32 is also no slower there. Activations are stored in the checkpoint's dtype either way.
+    # float32 is also no slower there. GSQ's own steps (fixed shapes) stay in the model dtype, and
+    # activations are stored in it either way.
     compute = torch.float32 if device.type == "cpu" else dtype
     tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
@@ -253,7 +254,7 @@ def run(cfg: Config) -> dict:
         layer = stream.load_layer(ckpt, model, arch, i, device, compute)
         final, stats = None, {"layer": i, "moe": False}
         if adapter.is_moe(layer):
-            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype, compute)
+            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype)
             stats["moe"] = True
         hidden = forward(model, layer, hidden, device)
         if eval_hidden is not None:
@@ -313,12 +314,13 @@ def _libc():
 
 
 def map_large_host_buffers():
-    """Have glibc map every host buffer of 1 MiB or more on its own and unmap it when freed. By
+    """Have glibc map every host buffer of 8 MiB or more on its own and unmap it when freed. By
     default it raises that threshold each time such a buffer is freed and then serves the GPTQ and
-    scale-search temporaries from its heap, which fragments: the peak grew by hundreds of MB."""
+    scale-search temporaries from its heap, which fragments: the peak grew by hundreds of MB. (At
+    1 MiB GSQ's per-step buffers would be mapped too, and the run took 60% longer.)"""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
 
 
 def release_host_memory():

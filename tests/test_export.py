@@ -9,7 +9,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationScheme
-from conftest import FAST, ROOT, TINY_MODEL, quantize
+from conftest import FAST, ROOT, TINY_MODEL, WIKI_TEST, quantize
 from safetensors import safe_open
 
 
@@ -72,3 +72,18 @@ def test_inspect_prints_layers_and_size(quantized):
     bad = inspect(TINY_MODEL)
     assert bad.returncode == 2 and bad.stderr.strip() == \
         f"error: {TINY_MODEL} has no compressed-tensors quantization_config: nothing quantized to inspect"
+
+
+def test_eval_of_the_export_matches_the_runs_own_perplexity(quantized):
+    """The run's last perplexity check is its in-memory quantized model (fp32 on the CPU); gsq.eval
+    reads the exported directory through transformers (bf16): the same model, within bf16 noise."""
+    watch = json.loads((quantized / "gsq_run.json").read_text())["ppl"]
+    assert [w["layers_quantized"] for w in watch] == [0, 6, 7]
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(quantized), "--data-file",
+                           str(WIKI_TEST), "--seqlen", "128", "--max-windows", "4", "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ppl = json.loads(proc.stdout)["ppl"]
+    print(f"\nexported: ppl {ppl:.4f}; in-run model: {watch[-1]['ppl']:.4f}; original: {watch[0]['ppl']:.4f}")
+    assert abs(ppl - watch[-1]["ppl"]) < 0.01 * watch[-1]["ppl"]
+    assert abs(ppl - watch[-1]["ppl"]) < abs(watch[0]["ppl"] - watch[-1]["ppl"])  # tighter than the quantization effect
