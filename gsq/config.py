@@ -107,4 +107,7 @@ def from_args(args: argparse.Namespace) -> Config:
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    return Config(**{**PRESETS.get(preset, {}), **given})
+    cfg = Config(**{**PRESETS.get(preset, {}), **given})
+    if cfg.container < cfg.bits:
+        raise ValueError(f"--container {cfg.container} cannot hold {cfg.bits}-bit codes: use --container 4")
+    return cfg

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization import QuantizationScheme
 from conftest import FAST, ROOT, TINY_MODEL, WIKI_TEST, quantize
 from safetensors import safe_open
@@ -87,3 +88,18 @@ def test_eval_of_the_export_matches_the_runs_own_perplexity(quantized):
     print(f"\nexported: ppl {ppl:.4f}; in-run model: {watch[-1]['ppl']:.4f}; original: {watch[0]['ppl']:.4f}")
     assert abs(ppl - watch[-1]["ppl"]) < 0.01 * watch[-1]["ppl"]
     assert abs(ppl - watch[-1]["ppl"]) < abs(watch[0]["ppl"] - watch[-1]["ppl"])  # tighter than the quantization effect
+
+
+def test_3bit_codes_export_in_the_4bit_container(tmp_path):
+    refused = quantize("--out", str(tmp_path / "x"), *FAST, "--bits", "3")
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "error: --container 2 cannot hold 3-bit codes: use --container 4"
+    out = tmp_path / "w3"
+    proc = quantize("--out", str(out), *FAST, "--bits", "3", "--container", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(inspect(out, "--json").stdout)
+    assert report["bits"] == 3 and report["container_bits"] == 4
+    assert 4 < report["quantized"]["max_distinct"] <= 8  # more than the 2-bit grid, within 3 bits
+    t = expert(out, "model.layers.4.mlp.experts.2.up_proj")
+    codes = unpack_from_int32(t["weight_packed"], 4, torch.Size(t["weight_shape"].tolist()))
+    assert codes.min() >= -4 and codes.max() <= 3 and ((codes < -2) | (codes > 1)).any()
