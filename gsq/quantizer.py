@@ -103,7 +103,7 @@ def dequant(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def token_stream(n: int, batch: int, steps: int, generator) -> torch.Tensor:
     """Indices `[steps, batch]` into an expert's n tokens: consecutive random permutations (epochs)."""
     need = steps * batch
-    perms = [torch.randperm(n, generator=generator) for _ in range(-(-need // n))]
+    perms = [torch.randperm(n, generator=generator) for _ in range(max(1, -(-need // n)))]  # 0 steps: empty
     return torch.cat(perms)[:need].view(steps, batch)
 
 

@@ -118,3 +118,11 @@ def test_swiglu_matches_the_expert_formula():
     x = xs[0]
     want = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
     torch.testing.assert_close(swiglu(x[None], g[None], u[None], d[None])[0], want)
+
+
+def test_token_stream_with_zero_steps_is_empty():
+    from gsq.quantizer import token_stream
+
+    assert token_stream(5, 3, 0, torch.Generator().manual_seed(0)).shape == (0, 3)
+    stream = token_stream(5, 3, 4, torch.Generator().manual_seed(0))
+    assert stream.shape == (4, 3) and sorted(stream.flatten()[:5].tolist()) == list(range(5))  # epochs
