@@ -200,7 +200,6 @@ def save_state(work: Path, next_layer: int, hidden, eval_hidden, record: dict):
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
-    map_large_host_buffers()
     device = torch.device(pick_device(cfg.device))
     src = check_model_dir(cfg.model)
     from transformers import AutoConfig, AutoTokenizer

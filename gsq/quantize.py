@@ -5,7 +5,7 @@ experts into a compressed-tensors `pack-quantized` checkpoint. Every flag is a f
 
 from gsq.config import build_parser, from_args
 from gsq.errors import InputError, run_cli
-from gsq.pipeline import run
+from gsq.pipeline import map_large_host_buffers, run
 
 
 def main(argv=None):
@@ -14,6 +14,7 @@ def main(argv=None):
         cfg = from_args(args)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    map_large_host_buffers()  # a process-wide allocator setting: the entry point's decision
     run(cfg)
 
 
