@@ -20,6 +20,8 @@ class Arch:
     expert_names: tuple  # on-disk names of (gate, up, down) of expert e, relative to the layer
     rename: tuple = ()  # (on-disk fragment, module fragment) pairs for the rest of the layer
     text_config: bool = False  # the causal LM is config.text_config (multimodal wrappers)
+    router: str = "mlp.gate"  # on-disk name of the router, relative to the layer (rows: experts)
+    n_experts_key: str = "n_routed_experts"  # the config field holding the number of routed experts
 
     def expert_key(self, layer: int, expert: int, proj: int) -> str:
         return f"{self.layers_prefix}.{layer}.{self.expert_names[proj].format(e=expert)}"
@@ -29,9 +31,10 @@ _STD = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}
 ARCHS = {
     "deepseek_v3": Arch("model.layers", _STD),
     "kimi_k25": Arch("language_model.model.layers", _STD, text_config=True),
-    "qwen3_moe": Arch("model.layers", _STD),
+    "qwen3_moe": Arch("model.layers", _STD, n_experts_key="num_experts"),
     "mixtral": Arch("model.layers", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
-                                     "block_sparse_moe.experts.{e}.w2"), rename=(("block_sparse_moe.", "mlp."),)),
+                                     "block_sparse_moe.experts.{e}.w2"), rename=(("block_sparse_moe.", "mlp."),),
+                    router="block_sparse_moe.gate", n_experts_key="num_local_experts"),
 }
 
 
@@ -60,6 +63,12 @@ def expert_weights(layer, e: int):
     gate_up = layer.mlp.experts.gate_up_proj[e]
     inter = gate_up.shape[0] // 2
     return gate_up[:inter], gate_up[inter:], layer.mlp.experts.down_proj[e]
+
+
+def expert_output(layer, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Routed expert e's output f_e(x) on tokens `[T, H]` (before the router weight): `[T, H]`."""
+    gate, up, down = expert_weights(layer, e)
+    return (layer.mlp.experts.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def set_expert_weights(layer, e: int, gate, up, down):

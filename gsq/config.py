@@ -50,6 +50,11 @@ class Config:
     kappa: tuple = _f((100.0, 500.0), "logit gain, annealed linearly (start, end)")
     min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
     experts_per_batch: int = _f(16, "experts optimised together in one batched problem")
+    # REAP expert pruning (python -m gsq.prune)
+    keep: int = _f(0, "routed experts kept per layer")
+    ratio: float = _f(0.0, "fraction of routed experts pruned per layer (instead of --keep)")
+    criterion: str = _f("reap", "expert ranking: reap (router-weighted output norm), frequency, random",
+                        choices=["reap", "frequency", "random"])
     # quality watch
     eval_every: int = _f(6, "WikiText-2 perplexity every N layers and at the end (0: off)")
     eval_data: str = _f("", "local wiki.test.raw for the perplexity checks (default: the Hub)")
@@ -87,9 +92,12 @@ def _parse(kind, text):
     return tuple(float(x) for x in text.split(",")) if kind is tuple else kind(text)
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="GSQ 2-bit quantization of a Mixture-of-Experts model")
+def build_parser(prog: str, description: str, only: tuple = ()) -> argparse.ArgumentParser:
+    """Flags for the Config fields (`only` those named, when given)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(Config):
+        if only and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
         if kind is bool:

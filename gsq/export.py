@@ -70,8 +70,9 @@ def quantization_config(arch, container: int, group_size: int, ignore: list) -> 
     return {**qc.model_dump(exclude_none=False), "version": compressed_tensors.__version__}
 
 
-def finish(src: Path, root: Path, out: Path, quant_config: dict, run_config: str):
-    """Index, config.json with quantization_config, tokenizer and friends; then the atomic rename."""
+def finish(src: Path, root: Path, out: Path, config: dict, records: dict):
+    """Index, `config` as config.json, tokenizer and friends, `records` (file name -> text); then the
+    atomic rename of `root` to `out`."""
     weight_map = {}
     for shard in sorted(root.glob("model-*.safetensors")):
         with safe_open(shard, "pt") as f:
@@ -79,13 +80,12 @@ def finish(src: Path, root: Path, out: Path, quant_config: dict, run_config: str
     total = sum((root / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quant_config
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in sorted(src.iterdir()):
         if f.is_file() and COPIED_FILES.match(f.name):
             shutil.copy2(f, root / f.name)
-    (root / "gsq_config.json").write_text(run_config)
+    for name, text in records.items():
+        (root / name).write_text(text)
     if out.exists():
         shutil.rmtree(out)
     os.replace(root, out)

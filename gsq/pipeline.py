@@ -282,8 +282,9 @@ def run(cfg: Config) -> dict:
     export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
     shutil.rmtree(work)
     ignore = ["lm_head"] + [f"re:.*layers\\.{j}\\." for j in mtp_layers(ckpt, arch, n_layers)]
-    qc = export.quantization_config(arch, cfg.container, cfg.group_size, ignore)
-    export.finish(src, root, out, qc, run_config)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = export.quantization_config(arch, cfg.container, cfg.group_size, ignore)
+    export.finish(src, root, out, config, {"gsq_config.json": run_config})
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=peak_rss_mb())
     (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")

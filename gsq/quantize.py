@@ -9,7 +9,7 @@ from gsq.pipeline import map_large_host_buffers, run
 
 
 def main(argv=None):
-    args = build_parser("python -m gsq.quantize").parse_args(argv)
+    args = build_parser("python -m gsq.quantize", "GSQ 2-bit quantization of a Mixture-of-Experts model").parse_args(argv)
     try:
         cfg = from_args(args)
     except ValueError as exc:
