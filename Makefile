@@ -10,8 +10,12 @@ TINY := models/tiny-deepseek-v3
 # The bundled model gets the scaled-down preset; any other MODEL the paper's settings. Extra flags: ARGS=...
 PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny,)
 ARGS ?=
+LLMCOMPRESSOR ?=
+KEEP ?= 4
+PRUNED ?= out/$(notdir $(MODEL))-reap$(KEEP)
+PRUNE_ARGS ?=
 
-.PHONY: install quantize eval compare inspect test bench fixture fixture-report
+.PHONY: install quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +27,25 @@ install:
 quantize:
 	$(PY) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(ARGS)
 
+# REAP expert pruning: keep the KEEP most salient routed experts of each MoE layer, into PRUNED.
+prune:
+	$(PY) -m gsq.prune --model $(MODEL) --out $(PRUNED) --keep $(KEEP) $(PRESET) $(PRUNE_ARGS)
+
+# Prune, then GSQ 2-bit quantize the pruned model: PRUNED, then PRUNED-gsq-w2.
+compress: prune
+	$(PY) -m gsq.quantize --model $(PRUNED) --out $(PRUNED)-gsq-w2 $(PRESET) $(ARGS)
+
 # WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
 eval:
 	$(PY) -m gsq.eval --model $(MODEL) --data-file $(DATA)/wikitext-2-raw/wiki.test.raw --seqlen $(SEQLEN)
 
-# GSQ vs GPTQ vs RTN on MODEL, each evaluated against it: table, JSON record and plots under eval/results/.
+# GSQ vs GPTQ vs RTN (and llm-compressor's GPTQ W2A16 with LLMCOMPRESSOR=its env's python) on MODEL, each evaluated against it: table, JSON record and plots under eval/results/.
 compare:
-	$(PY) eval/compare.py --model $(MODEL) --work out/compare $(ARGS)
+	$(PY) eval/compare.py --model $(MODEL) --work out/compare $(if $(LLMCOMPRESSOR),--llmcompressor $(LLMCOMPRESSOR)) $(ARGS)
+
+# REAP vs frequency vs random pruning at KEEP experts, then REAP + GSQ next to each step alone.
+prune-compare:
+	$(PY) eval/prune_compare.py --model $(MODEL) --keep $(KEEP) $(ARGS)
 
 # What a quantized checkpoint holds: bits per weight per layer, codes per group, size vs the original.
 inspect:

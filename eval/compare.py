@@ -5,7 +5,9 @@
 Each run is `python -m gsq.quantize --model MODEL --out WORK/NAME ARGS` (the bundled tiny model gets
 `--preset tiny` first), then `python -m gsq.eval --model WORK/NAME --reference MODEL --json` on the
 WikiText-2 test split: KL(original || quantized), top-1 agreement and perplexity. Without --run the
-three methods are compared on equal terms: gsq, gptq, rtn. Prints a Markdown table and writes a JSON
+three methods are compared on equal terms: gsq, gptq, rtn; `--llmcompressor PYTHON` adds llm-compressor's
+GPTQ W2A16 on the same experts and calibration tokens (eval/llmcompressor_gptq.py, run in its own
+environment because it pins other transformers and compressed-tensors versions). Prints a Markdown table and writes a JSON
 record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory),
 the table beside it (.md) and two plots (.png, with matplotlib): perplexity as layers are quantized,
 per method, and the distribution over experts of GSQ's reconstruction-error reduction against its init.
@@ -33,22 +35,44 @@ def run_one(name: str, extra: str, args) -> dict:
     if Path(args.model).resolve() == TINY:
         quantize += ["--preset", "tiny"]
     quantize += shlex.split(extra)
+    seconds = timed(quantize, args.quiet)
+    record = json.loads((out / "gsq_run.json").read_text())
+    layers = [{k: l[k] for k in ("layer", "steps", "err_rtn", "err_init", "err_gsq", "err_per_expert", "seconds")}
+              for l in record["layers"] if l.get("moe")]
+    return evaluated(name, out, args, {"args": extra, "quantize_seconds": seconds, "peak_rss_mb": record["peak_rss_mb"],
+                                       "ppl_watch": record["ppl"], "layers": layers})
+
+
+def run_llmcompressor(python: str, args) -> dict:
+    """llm-compressor's GPTQ W2A16 on the same experts and calibration tokens (eval/llmcompressor_gptq.py,
+    run by `python`, the interpreter of an environment where llm-compressor is installed)."""
+    out = Path(args.work) / "llmcompressor-gptq"
+    cmd = [python, str(ROOT / "eval" / "llmcompressor_gptq.py"), "--model", args.model, "--out", str(out)]
+    if Path(args.model).resolve() == TINY:
+        cmd += ["--preset", "tiny"]
+    seconds = timed(cmd, args.quiet)
+    version = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+    return evaluated("llm-compressor GPTQ W2A16", out, args, {"args": f"llmcompressor {version}, W2A16 g128",
+                                                             "quantize_seconds": seconds})
+
+
+def timed(cmd: list, quiet: bool) -> float:
     t0 = time.time()
-    subprocess.run(quantize, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-    seconds = time.time() - t0
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    return round(time.time() - t0, 1)
+
+
+def evaluated(name: str, out: Path, args, row: dict) -> dict:
+    """`row` with KL, top-1 and perplexity of the checkpoint in `out` against the original."""
     evaluate = [sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", args.model,
                 "--data-file", args.data_file, "--seqlen", str(args.seqlen), "--json"]
     if args.max_windows:
         evaluate += ["--max-windows", str(args.max_windows)]
     metrics = json.loads(subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout)
-    record = json.loads((out / "gsq_run.json").read_text())
-    layers = [{k: l[k] for k in ("layer", "steps", "err_rtn", "err_init", "err_gsq", "err_per_expert", "seconds")}
-              for l in record["layers"] if l.get("moe")]
-    row = {"args": extra, "ppl": metrics["ppl"], "kl": metrics["kl"], "top1": metrics["top1"],
-           "windows": metrics["windows"], "quantize_seconds": round(seconds, 1),
-           "peak_rss_mb": record["peak_rss_mb"], "ppl_watch": record["ppl"], "layers": layers}
+    row.update({k: metrics[k] for k in ("ppl", "kl", "top1", "windows")})
     print(f"{name}: KL {row['kl']:.5f}  top-1 {100 * row['top1']:.2f}%  ppl {row['ppl']:.3f}  "
-          f"({seconds:.0f}s)", flush=True)
+          f"({row['quantize_seconds']:.0f}s)", flush=True)
     return row
 
 
@@ -74,7 +98,7 @@ def plots(runs: dict, stem: Path) -> list:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
-        watch = r["ppl_watch"]
+        watch = r.get("ppl_watch", [])  # the external reference has no perplexity watch
         ax.plot([w["layers_quantized"] for w in watch], [w["ppl"] for w in watch], marker="o", label=name)
     ax.set(xlabel="decoder layers quantized (the rest original)", ylabel="WikiText-2 perplexity (held-out windows)",
            title="Perplexity while the run goes on")
@@ -85,7 +109,7 @@ def plots(runs: dict, stem: Path) -> list:
     plt.close(fig)
     reductions = {}  # runs that learned codes: for gptq/rtn the final error is the init's
     for name, r in runs.items():
-        per_expert = [1 - g / i for l in r["layers"]
+        per_expert = [1 - g / i for l in r.get("layers", [])
                       for g, i in zip(l["err_per_expert"]["gsq"], l["err_per_expert"]["init"]) if i > 0]
         if any(per_expert):
             reductions[name] = per_expert
@@ -113,12 +137,18 @@ def main():
     ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by")
     ap.add_argument("--record", help="JSON record (default eval/results/<model>-compare-<date>.json)")
     ap.add_argument("--quiet", action="store_true", help="hide the quantize runs' output")
+    ap.add_argument("--llmcompressor", metavar="PYTHON",
+                    help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 as a reference")
     args = ap.parse_args()
 
     runs = {}
     for spec in args.run or DEFAULT_RUNS:
         name, _, extra = spec.partition("=")
         runs[name] = run_one(name, extra, args)
+    if args.llmcompressor:
+        runs["llm-compressor GPTQ W2A16"] = run_llmcompressor(args.llmcompressor, args)
+    else:
+        print("llm-compressor reference not run: pass --llmcompressor PYTHON (an environment with llmcompressor)")
     print(table(runs, args.base))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gsq import adapter, calib, export, gptq, stream
+from gsq import adapter, calib, dist, export, gptq, stream
 from gsq.config import Config
 from gsq.errors import InputError
 from gsq.eval import check_model_dir, eval_windows, pick_device, summarize, window_sums, wikitext_rows
+from gsq.kernels.pack import pack, unpack
 from gsq.quantizer import ExpertCodes, dequant, optimize, relative_error
 
 CHUNK = 8  # windows per forward pass through a layer
@@ -104,8 +105,10 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
     qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
     trajectory = []
-    for b in range(0, len(trained), cfg.experts_per_batch):
-        batch = trained[b : b + cfg.experts_per_batch]
+    t_gsq = time.time()
+    mine = dist.assign(counts, trained, dist.world())[dist.rank()]  # this rank's experts (all, on one process)
+    for b in range(0, len(mine), cfg.experts_per_batch):
+        batch = mine[b : b + cfg.experts_per_batch]
         codes = [torch.stack([init[e][p][0] for e in batch]).to(device) for p in range(3)]
         scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
         module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
@@ -116,12 +119,18 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
         hard = module.hard(dtype)
         for j, e in enumerate(batch):
             final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
+    if dist.world() > 1:  # every rank passes on the same layer: gather the experts as packed 2/4-bit words
+        bits = 2 if cfg.bits == 2 else 4
+        gathered = dist.gather({e: [(pack(c, bits), s, c.shape[-1]) for c, s in final[e]] for e in mine})
+        for e, projs in gathered.items():
+            final[e] = [(unpack(w, bits, n), s) for w, s, n in projs]
     stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
              "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
-             "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens]}
+             "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens],
+             "gsq_seconds": round(time.time() - t_gsq, 2), "ranks": dist.world()}
     errs = {"rtn": [], "init": [], "gsq": []}
     for e in range(E):
-        if counts[e] < cfg.min_tokens:
+        if counts[e] < cfg.min_tokens or not dist.is_writer():  # the record is rank 0's
             continue
         x = xs[e][: 4096].to(device, torch.float32)[None]
         ref = tuple(w[None] for w in fp[e])
@@ -200,7 +209,8 @@ def save_state(work: Path, next_layer: int, hidden, eval_hidden, record: dict):
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
-    device = torch.device(pick_device(cfg.device))
+    device = torch.device(dist.init(pick_device(cfg.device)))  # under torchrun: this rank's device
+    writer = dist.is_writer()  # rank 0 writes the checkpoint and watches the perplexity
     src = check_model_dir(cfg.model)
     from transformers import AutoConfig, AutoTokenizer
 
@@ -210,7 +220,7 @@ def run(cfg: Config) -> dict:
     model = stream.skeleton(tcfg)
     adapter.check_quantizable(model, cfg.group_size)
     ckpt = stream.Checkpoint(src)
-    root = prepare_output(cfg, src)
+    root = dist.on_writer(prepare_output, cfg, src)
     work = root / ".gsq-work"
     dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -223,7 +233,7 @@ def run(cfg: Config) -> dict:
     stream.load_globals(ckpt, model, arch, device, compute)
     store = device if device.type == "cuda" else torch.device("cpu")
     windows = None
-    if cfg.eval_every:
+    if cfg.eval_every and writer:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None), cfg.eval_seqlen, cfg.eval_windows)
     n_layers = len(model.model.layers)
 
@@ -232,11 +242,13 @@ def run(cfg: Config) -> dict:
         start, record = state["next_layer"], state["record"]
         acts = load_file(work / f"acts-{start}.safetensors")
         hidden, eval_hidden = acts["hidden"].to(store), acts.get("eval_hidden")
-        eval_hidden = None if eval_hidden is None else eval_hidden.to(store)
-        print(f"resuming {root} at layer {start} of {n_layers}")
+        eval_hidden = None if eval_hidden is None or windows is None else eval_hidden.to(store)
+        if writer:
+            print(f"resuming {root} at layer {start} of {n_layers}")
     else:
         ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
-        print(f"calibration: {note}")
+        if writer:
+            print(f"calibration: {note}" + (f"; experts split over {dist.world()} ranks" if dist.world() > 1 else ""))
         start, record = 0, {"calibration": note, "layers": [], "ppl": []}
         with torch.no_grad():
             hidden = model.model.embed_tokens(ids.to(device)).to(store, dtype)
@@ -246,7 +258,7 @@ def run(cfg: Config) -> dict:
                 model, ckpt, arch, eval_hidden, windows, 0, device, compute)})
             print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
 
-    for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers):
+    for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers, disable=not writer):
         t_layer = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -258,8 +270,9 @@ def run(cfg: Config) -> dict:
         hidden = forward(model, layer, hidden, device)
         if eval_hidden is not None:
             eval_hidden = forward(model, layer, eval_hidden, device)
-        export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
-                          cfg.max_shard_bytes)
+        if writer:
+            export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
+                              cfg.max_shard_bytes)
         stream.unload_layer(model, i)
         del layer, final
         release_host_memory()
@@ -269,14 +282,19 @@ def run(cfg: Config) -> dict:
         if device.type == "cuda":
             stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         record["layers"].append(stats)
-        tqdm.write(layer_summary(stats))
+        if writer:
+            tqdm.write(layer_summary(stats))
         done = i + 1
         if windows is not None and (done % cfg.eval_every == 0 or done == n_layers):
             ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, compute)
             record["ppl"].append({"layers_quantized": done, "ppl": ppl})
             print(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
-        save_state(work, done, hidden, eval_hidden, record)
+        if writer:
+            save_state(work, done, hidden, eval_hidden, record)
 
+    if not writer:
+        dist.finish()
+        return record
     out = Path(cfg.out)
     run_config = cfg.to_json()
     export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
@@ -288,6 +306,7 @@ def run(cfg: Config) -> dict:
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=peak_rss_mb())
     (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
+    dist.finish()
     return record
 
 

@@ -1,0 +1,85 @@
+"""Expert parallelism under torchrun (gloo on the CPU): the checkpoint is byte-identical to the
+single-process run's, and an interrupted parallel run resumes to the same bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, ROOT, TINY_MODEL, digest
+
+from gsq import dist
+
+# torchrun gives each rank one intra-op thread; the single-process reference gets the same, because
+# CPU float reductions (matmuls) round differently when split over a different number of threads.
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, ranks=1, wait=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "gsq.quantize", "--model", str(TINY_MODEL), *FAST, *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+def kill_all(marker: str):
+    """SIGKILL every process whose command line mentions `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep") / "one"
+    proc = run("--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return digest(out)
+
+
+def test_two_ranks_give_the_single_process_bytes(single, tmp_path):
+    out = tmp_path / "two"
+    proc = run("--out", str(out), ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "experts split over 2 ranks" in proc.stdout
+    record = json.loads((out / "gsq_run.json").read_text())
+    assert {l["ranks"] for l in record["layers"] if l["moe"]} == {2}
+    assert digest(out) == single
+
+
+def test_parallel_run_resumes_after_kill(single, tmp_path):
+    out = tmp_path / "two"
+    state = tmp_path / "two.partial" / ".gsq-work" / "state.json"
+    proc = run("--out", str(out), ranks=2, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["next_layer"] >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    kill_all(str(out))  # the launcher and both ranks (torchrun starts ranks in sessions of their own)
+    proc.wait()
+    assert not out.exists()
+    resumed = run("--out", str(out), "--resume", ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert digest(out) == single
+
+
+def test_assignment_balances_tokens():
+    counts = [900, 100, 500, 500, 300, 700, 0, 50]
+    for ranks in (1, 2, 3, 8):
+        parts = dist.assign(counts, [e for e in range(8) if counts[e]], ranks)
+        assert sorted(e for p in parts for e in p) == [0, 1, 2, 3, 4, 5, 7]  # each expert exactly once
+        loads = [sum(counts[e] for e in p) for p in parts]
+        assert max(loads) - min(loads) <= max(counts)  # greedy largest-first bound
+    assert dist.assign(counts, list(range(8)), 2) == [[0, 1, 3, 7], [2, 4, 5, 6]]  # loads 1550, 1500
