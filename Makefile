@@ -11,6 +11,7 @@ TINY := models/tiny-deepseek-v3
 PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny,)
 ARGS ?=
 LLMCOMPRESSOR ?=
+NPROC ?=
 KEEP ?= 4
 PRUNED ?= out/$(notdir $(MODEL))-reap$(KEEP)
 PRUNE_ARGS ?=
@@ -24,8 +25,9 @@ install:
 	$(PY) -m pip install --quiet -e '.[lm-eval,dev,report]'
 
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
+# NPROC=N: N processes under torchrun, the experts of each layer split across them.
 quantize:
-	$(PY) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(ARGS)
+	$(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC),$(PY)) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(ARGS)
 
 # REAP expert pruning: keep the KEEP most salient routed experts of each MoE layer, into PRUNED.
 prune:
@@ -59,6 +61,7 @@ test:
 # Kernel vs eager-reference timings at Kimi-K2.5 expert shapes (needs a CUDA GPU; JSON under eval/results/).
 bench:
 	$(PY) eval/bench_kernels.py
+	$(PY) eval/bench_parallel.py $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),--gpu,)
 
 # Re-train the bundled tiny MoE (about 15 minutes on 2 CPU cores; deterministic).
 fixture:

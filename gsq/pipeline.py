@@ -90,13 +90,11 @@ def init_expert(weights, x, cfg: Config, grid_bits: int):
 
 def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     """Codes and scales of every routed expert of layer i, and the layer's statistics. GSQ trains in
-    `dtype`, the checkpoint's, and its scales are rounded to it."""
+    `dtype`, the checkpoint's, and its scales are rounded to it. Under torchrun each rank initialises,
+    trains and measures its share of the experts, and every rank gets all of them back."""
     xs = expert_inputs(model, layer, hidden, device)
     counts = [x.shape[0] for x in xs]
     E = len(xs)
-    fp = [tuple(w.float() for w in adapter.expert_weights(layer, e)) for e in range(E)]
-    rtn, init = zip(*[init_expert(fp[e], xs[e].to(device).float(), cfg, cfg.bits) for e in range(E)])
-    final = list(init)
     trained = [e for e in range(E) if counts[e] >= cfg.min_tokens and cfg.method == "gsq"]
     mean_tokens = sum(counts[e] for e in trained) / max(1, len(trained))
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * mean_tokens / cfg.batch_tokens))
@@ -104,11 +102,17 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
     local = cfg.bits > 2
     grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
     qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
+    t_experts = time.time()
+    mine = dist.assign(counts, list(range(E)), dist.world())[dist.rank()]  # all of them on one process
+    fp = {e: tuple(w.float() for w in adapter.expert_weights(layer, e)) for e in mine}
+    rtn, init = {}, {}
+    for e in mine:
+        rtn[e], init[e] = init_expert(fp[e], xs[e].to(device).float(), cfg, cfg.bits)
+    final = dict(init)
     trajectory = []
-    t_gsq = time.time()
-    mine = dist.assign(counts, trained, dist.world())[dist.rank()]  # this rank's experts (all, on one process)
-    for b in range(0, len(mine), cfg.experts_per_batch):
-        batch = mine[b : b + cfg.experts_per_batch]
+    todo = [e for e in mine if e in trained]
+    for b in range(0, len(todo), cfg.experts_per_batch):
+        batch = todo[b : b + cfg.experts_per_batch]
         codes = [torch.stack([init[e][p][0] for e in batch]).to(device) for p in range(3)]
         scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
         module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
@@ -119,25 +123,26 @@ def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
         hard = module.hard(dtype)
         for j, e in enumerate(batch):
             final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
+    errs = {}  # relative output error of RTN, the init and the result, on the expert's tokens
+    for e in mine:
+        if counts[e] >= cfg.min_tokens:
+            x = xs[e][: 4096].to(device, torch.float32)[None]
+            ref = tuple(w[None] for w in fp[e])
+            errs[e] = [relative_error(x, ref, tuple(dequant(c, s).to(device)[None] for c, s in q))
+                       for q in (rtn[e], init[e], final[e])]
     if dist.world() > 1:  # every rank passes on the same layer: gather the experts as packed 2/4-bit words
         bits = 2 if cfg.bits == 2 else 4
-        gathered = dist.gather({e: [(pack(c, bits), s, c.shape[-1]) for c, s in final[e]] for e in mine})
-        for e, projs in gathered.items():
-            final[e] = [(unpack(w, bits, n), s) for w, s, n in projs]
+        got = dist.gather({e: ([(pack(c, bits), s, c.shape[-1]) for c, s in final[e]], errs.get(e)) for e in mine})
+        final = {e: [(unpack(w, bits, n), s) for w, s, n in q] for e, (q, _) in got.items()}
+        errs = {e: err for e, (_, err) in got.items() if err is not None}
+    per_expert = {name: [errs[e][k] for e in sorted(errs)] for k, name in enumerate(("rtn", "init", "gsq"))}
     stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
              "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
              "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens],
-             "gsq_seconds": round(time.time() - t_gsq, 2), "ranks": dist.world()}
-    errs = {"rtn": [], "init": [], "gsq": []}
-    for e in range(E):
-        if counts[e] < cfg.min_tokens or not dist.is_writer():  # the record is rank 0's
-            continue
-        x = xs[e][: 4096].to(device, torch.float32)[None]
-        ref = tuple(w[None] for w in fp[e])
-        for name, q in (("rtn", rtn[e]), ("init", init[e]), ("gsq", final[e])):
-            errs[name].append(relative_error(x, ref, tuple(dequant(c, s).to(device)[None] for c, s in q)))
-    stats.update({f"err_{k}": sum(v) / max(1, len(v)) for k, v in errs.items()}, err_per_expert=errs,
-                 loss_trajectory=trajectory[-1:] if trajectory else [])
+             "expert_seconds": round(time.time() - t_experts, 2), "ranks": dist.world(),
+             **{f"err_{k}": sum(v) / max(1, len(v)) for k, v in per_expert.items()}, "err_per_expert": per_expert,
+             "loss_trajectory": trajectory[-1:]}
+    final = [final[e] for e in range(E)]
     for e in range(E):  # the quantized experts, exactly as the checkpoint will dequantize them
         adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in final[e]))  # exact in dtype
     return final, stats
