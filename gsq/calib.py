@@ -60,7 +60,8 @@ def documents(dataset: str, text_field: str, tokenizer, enough_chars: int) -> li
 
 def calibration_ids(tokenizer, dataset: str, text_field: str, num_samples: int, seqlen: int, seed: int):
     """`[num_samples, seqlen]` token windows and a one-line description of where they came from."""
-    docs = [d for d in documents(dataset, text_field, tokenizer, enough_chars=num_samples * seqlen * 8) if d.strip()]
+    found = documents(dataset, text_field, tokenizer, enough_chars=num_samples * seqlen * 8)
+    docs = [d for d in found if d.strip()]
     if not docs:
         raise InputError(f"calibration dataset {dataset} holds no text")
     sep = tokenizer.eos_token or "\n\n"
@@ -70,6 +71,10 @@ def calibration_ids(tokenizer, dataset: str, text_field: str, num_samples: int, 
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (num_samples,), generator=gen)
     windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
-    note = (f"{num_samples} windows of {seqlen} tokens from {dataset} ({ids.numel()} tokens, "
-            f"{'overlapping' if num_samples * seqlen > ids.numel() else 'random'} offsets)")
+    note = f"{num_samples} windows of {seqlen} tokens from {dataset} ({ids.numel()} tokens, random offsets)"
+    if num_samples * seqlen > ids.numel():
+        note += (f"; only {ids.numel()} tokens for the {num_samples * seqlen} requested: windows overlap, "
+                 "repeating text (add data or lower --num-samples)")
+    if len(found) > len(docs):
+        note += f"; {len(found) - len(docs)} empty document(s) skipped"
     return windows, note

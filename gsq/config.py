@@ -7,6 +7,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from gsq.errors import ArgumentParser
+
 
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -94,7 +96,7 @@ def _parse(kind, text):
 
 def build_parser(prog: str, description: str, only: tuple = ()) -> argparse.ArgumentParser:
     """Flags for the Config fields (`only` those named, when given)."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap = ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(Config):
         if only and f.name not in only:
             continue

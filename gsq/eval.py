@@ -13,7 +13,6 @@ fraction of positions where both models' most likely next token is the same). At
 rank quantizers where perplexity cannot.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gsq.errors import InputError, run_cli
+from gsq.errors import ArgumentParser, InputError, run_cli
 
 WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
 
@@ -156,7 +155,7 @@ def pick_device(name: str) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gsq.eval", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m gsq.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model directory (original or compressed-tensors)")
     ap.add_argument("--reference", help="original model directory: adds KL(reference || model) and top-1")
     ap.add_argument("--data-file", help="local wiki.test.raw (default: the Hub's wikitext-2-raw-v1 test)")

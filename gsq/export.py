@@ -39,7 +39,7 @@ def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, containe
 
 def write_unit(root: Path, unit: str, tensors: dict, max_bytes: int):
     """Write `tensors` as `model-<unit>-NNN.safetensors` shards of at most max_bytes (one tensor may exceed)."""
-    for old in root.glob(f"model-{unit}-*.safetensors"):
+    for old in [*root.glob(f"model-{unit}-*.safetensors"), *root.glob(f"model-{unit}-*.tmp")]:
         old.unlink()  # a rerun after an interrupted write replaces the unit whole
     parts, part, size = [], {}, 0
     for name in sorted(tensors):

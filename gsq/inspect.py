@@ -7,7 +7,6 @@ plus scales, padding included) and the most distinct codes any one group uses (a
 read with compressed-tensors' own unpacker, not gsq's.
 """
 
-import argparse
 import json
 import re
 from collections import defaultdict
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gsq.errors import InputError, run_cli
+from gsq.errors import ArgumentParser, InputError, run_cli
 
 LAYER = re.compile(r".*layers\.(\d+)\.")
 
@@ -71,7 +70,7 @@ def inspect(path: Path) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gsq.inspect", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m gsq.inspect", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="compressed-tensors checkpoint directory (e.g. written by gsq.quantize)")
     ap.add_argument("--original", help="the unquantized source, for the size comparison")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

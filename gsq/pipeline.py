@@ -303,6 +303,7 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     run_config = cfg.to_json()
     export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
+    (work / "state.json").unlink()  # first: a resume never meets a half-deleted resume point
     shutil.rmtree(work)
     ignore = ["lm_head"] + [f"re:.*layers\\.{j}\\." for j in mtp_layers(ckpt, arch, n_layers)]
     config = json.loads((src / "config.json").read_text())

@@ -26,13 +26,13 @@ class Checkpoint:
         if index.is_file():
             self.where = {k: self.root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         elif (self.root / "model.safetensors").is_file():
-            with safe_open(self.root / "model.safetensors", "pt") as f:
-                self.where = {k: self.root / "model.safetensors" for k in f.keys()}
+            self.where = dict.fromkeys(shard_keys(self.root / "model.safetensors"), self.root / "model.safetensors")
         else:
             raise InputError(f"no safetensors weights (model.safetensors or its index) in {self.root}")
         missing = sorted({str(p.name) for p in self.where.values() if not p.is_file()})
         if missing:
             raise InputError(f"shard(s) listed in the index are missing: {', '.join(missing)}")
+        check_shards(self.where)
         self.files = dict(self.where)  # on-disk names
         self.compressed = compressed_modules(self.root, self.files)  # "P.weight" -> (compressor, scheme, parts)
         for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
@@ -59,11 +59,37 @@ class Checkpoint:
                 compressor, scheme, parts = self.compressed[name]
                 local = {part: out.pop(disk_name) for part, disk_name in parts.items()}
                 out[name] = compressor.decompress(local, scheme)["weight"]
+        for name, t in out.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise InputError(f"tensor {name} holds NaN or inf ({self.files.get(name, self.where[name]).name})")
         return out
 
     def layer_keys(self, arch: adapter.Arch, i: int) -> list:
         prefix = f"{arch.layers_prefix}.{i}."
         return sorted(k for k in self.where if k.startswith(prefix))
+
+
+def shard_keys(path: Path) -> list:
+    """The tensor names in one shard, from its header; refused if the header does not read or does not
+    cover the file (a truncated or overwritten shard)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors' own error, e.g. "incomplete metadata, file not fully covered"
+        raise InputError(f"shard {path.name} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc
+
+
+def check_shards(where: dict):
+    """Every shard's header reads and covers the file (a truncated or overwritten shard does not), and
+    every tensor the index puts in a shard is there: checked before any work."""
+    by_file = {}
+    for name, path in where.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        held = set(shard_keys(path))
+        lost = [n for n in names if n not in held]
+        if lost:
+            raise InputError(f"shard {path.name} lacks {lost[0]} (and {len(lost) - 1} more) that the index puts there")
 
 
 def compressed_modules(root: Path, where: dict) -> dict:
@@ -122,9 +148,6 @@ def load_layer(ckpt: Checkpoint, model, arch, i: int, device, dtype):
     layer = model.model.layers[i]
     n_routed = adapter.num_experts(layer) if adapter.is_moe(layer) else 0
     tensors = ckpt.load(ckpt.layer_keys(arch, i))
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"tensor {name} holds NaN or inf")
     return materialize(layer, adapter.layer_state_from_checkpoint(arch, i, tensors, n_routed), device, dtype)
 
 

@@ -1,0 +1,156 @@
+"""Bad input and faults (the README's table, one test per row): one clear error line before any work,
+nothing lost, nothing half-written that looks complete, resumable to the identical bytes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def one_error_line(proc, *words, code=2, alone=True):
+    """The run ended with exit `code` and one `error:` line holding `words`: the only line on stderr
+    (refused before any work), or after the progress bars (`alone=False`); never a traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 or not alone, proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+def tiny_copy(dst, edit=None, config=None):
+    shutil.copytree(TINY_MODEL, dst)
+    if edit:
+        tensors = load_file(dst / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        c = json.loads((dst / "config.json").read_text())
+        c.update(config)
+        (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def llama(dst):
+    from transformers import LlamaConfig
+
+    dst.mkdir()
+    LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=2048).save_pretrained(dst)
+    return dst
+
+
+BAD_MODELS = {  # row: (build the source, words the error line must hold)
+    "missing path": (lambda d: d / "nope", ["model directory not found"]),
+    "not a model": (lambda d: (d / "empty").mkdir() or d / "empty", ["no config.json"]),
+    "dense model": (lambda d: tiny_copy(d / "dense", config={"first_k_dense_replace": 7}),
+                    ["no MoE layers with routed experts"]),
+    "unsupported architecture": (lambda d: llama(d / "llama"), ["unsupported architecture 'llama'", "deepseek_v3, kimi_k25"]),
+    "truncated shard": (lambda d: truncated(tiny_copy(d / "t")), ["model.safetensors is truncated or corrupt"]),
+    "corrupt shard": (lambda d: corrupt(tiny_copy(d / "c")), ["model.safetensors is truncated or corrupt"]),
+}
+
+
+def truncated(d):
+    os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size - 1000)
+    return d
+
+
+def corrupt(d):
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    return d
+
+
+@pytest.mark.parametrize("row", BAD_MODELS)
+def test_bad_model_is_refused_before_any_work(row, tmp_path):
+    build, words = BAD_MODELS[row]
+    src = build(tmp_path)
+    proc = quantize("--out", str(tmp_path / "out"), *FAST, model=src)
+    one_error_line(proc, *words)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+BAD_FLAGS = {
+    "group size off the expert dims": (["--group-size", "256"], ["moe_intermediate_size 128 is not divisible"]),
+    "group size not a power of two": (["--group-size", "96"], ["power of two"]),
+    "bits out of range": (["--bits", "5"], ["--bits", "invalid choice"]),
+    "container too small": (["--bits", "3"], ["--container 4"]),
+    "unknown flag": (["--bitz", "2"], ["unrecognized arguments"]),
+}
+
+
+@pytest.mark.parametrize("row", BAD_FLAGS)
+def test_bad_flags_are_one_line(row, tmp_path):
+    flags, words = BAD_FLAGS[row]
+    one_error_line(quantize("--out", str(tmp_path / "out"), *FAST, *flags), *words)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_nan_tensor_is_refused_by_name(tmp_path):
+    def poison(t):
+        t["model.layers.3.mlp.experts.2.up_proj.weight"][5, 7] = float("inf")
+
+    src = tiny_copy(tmp_path / "nan", poison)
+    proc = quantize("--out", str(tmp_path / "out"), *FAST, "--eval-every", "0", model=src)
+    one_error_line(proc, "model.layers.3.mlp.experts.2.up_proj.weight holds NaN or inf", alone=False)
+    assert not (tmp_path / "out").exists()  # stopped at layer 3, resumable once the shard is fixed
+
+
+def faulty(kind, n, out):
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_quantize.py"), kind, str(n),
+                           "--model", str(TINY_MODEL), "--out", str(out), *FAST], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+
+
+# Files written with FAST on the 7-layer model: layer i's shard is write 2i+1, the resume point after
+# it 2i+2, the rest (embeddings, lm_head) write 15.
+@pytest.mark.parametrize("n", [1, 6, 9, 15], ids=["layer-0-shard", "resume-point-2", "layer-4-shard", "rest"])
+def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
+    out = tmp_path / "q"
+    proc = faulty("kill", n, out)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()  # nothing looks complete
+    one_error_line(quantize("--out", str(out), *FAST), "--resume")  # and a plain rerun will not start over
+    resumed = quantize("--out", str(out), *FAST, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(out) == digest(quantized)
+    assert not list(out.glob("*.tmp")) and not (out / ".gsq-work").exists()
+
+
+@pytest.mark.parametrize("n", [5, 15], ids=["layer-2-shard", "rest"])
+def test_disk_full_is_clear_and_resumable(n, quantized, tmp_path):
+    out = tmp_path / "q"
+    proc = faulty("full", n, out)
+    one_error_line(proc, "no space left on the device", "--resume", code=3, alone=False)
+    assert not out.exists()
+    resumed = quantize("--out", str(out), *FAST, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(out) == digest(quantized)
+
+
+def test_small_calibration_set_is_reported(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gsq.calib import calibration_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"text": "The cat sat on the mat and looked at the dog."}\n\n{"text": ""}\n'
+                    '{"text": "A short line."}\n{"text": "   "}\n')
+    ids, note = calibration_ids(tokenizer, str(data), "text", 4, 8, 0)
+    assert ids.shape == (4, 8)
+    assert "windows overlap" in note and "2 empty document(s) skipped" in note
+    joined = tokenizer(tokenizer.eos_token.join(["The cat sat on the mat and looked at the dog.", "A short line."]),
+                       add_special_tokens=False).input_ids
+    for row in ids.tolist():  # short documents are joined, every window is a slice of the joined text
+        assert any(joined[s : s + 8] == row for s in range(len(joined) - 7))
+    with pytest.raises(Exception, match="fewer than one --seqlen"):
+        calibration_ids(tokenizer, str(data), "text", 4, 4096, 0)
