@@ -68,3 +68,20 @@ def quantized(tmp_path_factory, source_digest):
     proc = quantize("--out", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def kill_after_layer(proc, state, layer: int, kill=None):
+    """Wait until the run `proc` has saved the resume point after `layer` layers (its `state` file),
+    then kill it with SIGKILL (or with `kill()`), while it is still running."""
+    import json
+    import signal
+    import time
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["next_layer"] >= layer:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    (kill or (lambda: proc.send_signal(signal.SIGKILL)))()
+    proc.wait()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
 

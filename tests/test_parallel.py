@@ -6,10 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import FAST, ROOT, TINY_MODEL, digest
+from conftest import FAST, ROOT, TINY_MODEL, digest, kill_after_layer
 
 from gsq import dist
 
@@ -59,15 +58,8 @@ def test_two_ranks_give_the_single_process_bytes(single, tmp_path):
 def test_parallel_run_resumes_after_kill(single, tmp_path):
     out = tmp_path / "two"
     state = tmp_path / "two.partial" / ".gsq-work" / "state.json"
-    proc = run("--out", str(out), ranks=2, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["next_layer"] >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    kill_all(str(out))  # the launcher and both ranks (torchrun starts ranks in sessions of their own)
-    proc.wait()
+    # the launcher and both ranks (torchrun starts ranks in sessions of their own)
+    kill_after_layer(run("--out", str(out), ranks=2, wait=False), state, 3, kill=lambda: kill_all(str(out)))
     assert not out.exists()
     resumed = run("--out", str(out), "--resume", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

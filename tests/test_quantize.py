@@ -6,14 +6,12 @@ run resumed with --resume gives the identical bytes; the source model is never t
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
+from conftest import FAST, ROOT, TINY_MODEL, digest, kill_after_layer, quantize
 from safetensors import safe_open
 
 
@@ -58,15 +56,7 @@ def test_transformers_loads_exactly_our_codes(quantized):
 def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path):
     out = tmp_path / "tiny-w2"
     state = tmp_path / "tiny-w2.partial" / ".gsq-work" / "state.json"
-    proc = quantize("--out", str(out), *FAST, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["next_layer"] >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_layer(quantize("--out", str(out), *FAST, wait=False), state, 3)
     assert not out.exists()  # nothing that looks like a finished checkpoint
     again = quantize("--out", str(out), *FAST)
     assert again.returncode != 0 and "--resume" in again.stderr  # will not silently start over
