@@ -191,7 +191,10 @@ def run(cfg: Config) -> dict:
 
     out_config = json.loads((src / "config.json").read_text())
     target = out_config["text_config"] if arch.text_config else out_config
-    target[arch.n_experts_key] = keep
+    # the field and its alias in transformers' attribute_map (Qwen3-MoE's num_experts is num_local_experts
+    # now): both written, so old and new readers (transformers, vLLM) agree
+    for key in {arch.n_experts_key, type(tcfg).attribute_map.get(arch.n_experts_key, arch.n_experts_key)}:
+        target[key] = keep
     extra = sorted({layer_index(arch, k) for k in ckpt.files} - {None} - set(range(n_layers)))
     if extra:  # DeepSeek's multi-token-prediction layers: their experts cannot be scored here
         print(f"dropping the multi-token-prediction layer(s) {extra}: their experts cannot be scored")
