@@ -58,7 +58,7 @@ test:
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# Kernel vs eager-reference timings at Kimi-K2.5 expert shapes (needs a CUDA GPU; JSON under eval/results/).
+# Kernel vs eager timings (CUDA) and the expert-parallel benchmark (1 vs 2 CPU ranks, or GPU throughput at a Kimi-K2.5 shape); JSON under eval/results/
 bench:
 	$(PY) eval/bench_kernels.py
 	$(PY) eval/bench_parallel.py $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),--gpu,)
