@@ -178,6 +178,18 @@ def perplexity(model, ckpt, arch, eval_hidden, windows, first_original: int, dev
     return summarize(sums)["ppl"]
 
 
+def dtypes(tcfg, device):
+    """(model dtype, compute dtype of the layers, where activations are stored). On a CPU the layers
+    run in float32: bf16 matmuls there go through oneDNN, which keeps state for every new shape (MoE
+    token counts make every shape new) and grows the process layer by layer; float32 is also no
+    slower there. GSQ's own steps (fixed shapes) stay in the model dtype, and activations are stored
+    in it either way: on the GPU, or in host memory."""
+    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    compute = torch.float32 if device.type == "cpu" else dtype
+    return dtype, compute, device if device.type == "cuda" else torch.device("cpu")
+
+
 def prepare_output(cfg: Config, src: Path) -> Path:
     out = Path(cfg.out)
     if not cfg.out:
@@ -227,16 +239,9 @@ def run(cfg: Config) -> dict:
     ckpt = stream.Checkpoint(src)
     root = dist.on_writer(prepare_output, cfg, src)
     work = root / ".gsq-work"
-    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    # On a CPU the layers run in float32: bf16 matmuls there go through oneDNN, which keeps state for
-    # every new shape (MoE token counts make every shape new) and grows the process layer by layer;
-    # float32 is also no slower there. GSQ's own steps (fixed shapes) stay in the model dtype, and
-    # activations are stored in it either way.
-    compute = torch.float32 if device.type == "cpu" else dtype
+    dtype, compute, store = dtypes(tcfg, device)
     tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
-    store = device if device.type == "cuda" else torch.device("cpu")
     windows = None
     if cfg.eval_every and writer:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None), cfg.eval_seqlen, cfg.eval_windows)

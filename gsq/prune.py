@@ -29,7 +29,7 @@ from gsq import adapter, calib, export, stream
 from gsq.config import Config, build_parser, from_args
 from gsq.errors import InputError, run_cli
 from gsq.eval import check_model_dir, pick_device
-from gsq.pipeline import chunks, forward, map_large_host_buffers, prepare_output, release_host_memory
+from gsq.pipeline import chunks, dtypes, forward, map_large_host_buffers, prepare_output, release_host_memory
 
 FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
          "device", "overwrite", "max_shard_bytes", "preset")
@@ -156,9 +156,7 @@ def run(cfg: Config) -> dict:
     pruned = stream.skeleton(pruned_cfg)  # the layers as they will be, for passing activations on
     ckpt = stream.Checkpoint(src)
     root = prepare_output(cfg, src)
-    dtype = model.lm_head.weight.dtype
-    compute = torch.float32 if device.type == "cpu" else dtype  # as in gsq.pipeline.run
-    store = device if device.type == "cuda" else torch.device("cpu")
+    dtype, compute, store = dtypes(tcfg, device)
     tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
     ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
