@@ -106,12 +106,27 @@ def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_r
     return state
 
 
+def attention_residual(layer, h: torch.Tensor, position_ids, position_embeddings) -> torch.Tensor:
+    """The first half of a decoder layer on hidden states `[B, S, H]`: h + attention(input_norm(h))."""
+    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
+                              position_ids=position_ids, position_embeddings=position_embeddings)
+    return h + attn
+
+
+def moe_input(layer, residual: torch.Tensor) -> torch.Tensor:
+    """What the MoE block (router and experts) sees: the post-attention norm of the residual, `[B*S, H]`."""
+    x = layer.post_attention_layernorm(residual)
+    return x.reshape(-1, x.shape[-1])
+
+
+def moe_output(layer, residual: torch.Tensor) -> torch.Tensor:
+    """The second half of a decoder layer: residual + MoE block(post-attention norm(residual))."""
+    return residual + layer.mlp(layer.post_attention_layernorm(residual))
+
+
 def post_attention_states(layer, h: torch.Tensor, pos, position_embeddings) -> torch.Tensor:
     """The MoE block's input for hidden states `[B, S, H]`: attention + residual, then the norm; `[B*S, H]`."""
-    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=None, position_ids=pos,
-                              position_embeddings=position_embeddings)
-    x = layer.post_attention_layernorm(h + attn)
-    return x.reshape(-1, x.shape[-1])
+    return moe_input(layer, attention_residual(layer, h, pos, position_embeddings))
 
 
 def check_quantizable(model, group_size: int):

@@ -34,14 +34,15 @@ class Config:
     init: str = _f("gptq", "initial codes and scales", choices=["gptq", "rtn"])
     gptq_damp: float = _f(0.1, "GPTQ damping, fraction of mean diag(H)")
     gptq_block: int = _f(128, "GPTQ columns per block")
+    gptq_samples: int = _f(512, "calibration windows whose tokens make the GPTQ Hessians (the first ones)")
     scale_grid: int = _f(100, "MSE scale search: shrink factors tried, down to scale_min")
     scale_min: float = _f(0.2, "MSE scale search: smallest shrink factor")
     scale_norm: float = _f(2.4, "MSE scale search: error norm")
     init_sigma: float = _f(0.01, "logit init: l = sigma * (eps + alpha * c)")
     init_alpha: float = _f(6.0, "logit init: weight of the initial code")
     # GSQ optimisation
-    epochs: float = _f(10.0, "passes over each expert's routed tokens")
-    batch_tokens: int = _f(5440, "tokens per expert per optimizer step (paper: 64 x 4096 x 8 / 384)")
+    epochs: float = _f(10.0, "passes over the calibration windows")
+    batch_size: int = _f(64, "calibration windows per optimizer step, spread over the ranks (paper: 64)")
     min_steps: int = _f(200, "floor on steps per expert, so small calibration sets still optimise")
     lr_logits: float = _f(2e-4, "Lion learning rate of the logits")
     lr_scales: float = _f(1e-5, "Lion learning rate of the scales")
@@ -51,7 +52,8 @@ class Config:
     tau: tuple = _f((2.0, 0.05), "temperature, annealed linearly (start, end)")
     kappa: tuple = _f((100.0, 500.0), "logit gain, annealed linearly (start, end)")
     min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
-    experts_per_batch: int = _f(16, "experts optimised together in one batched problem")
+    experts_per_batch: int = _f(0, "experts of a rank trained together (0: as many as the memory plan fits, "
+                                   "at most 16)")
     # REAP expert pruning (python -m gsq.prune)
     keep: int = _f(0, "routed experts kept per layer")
     ratio: float = _f(0.0, "fraction of routed experts pruned per layer (instead of --keep)")
@@ -64,6 +66,14 @@ class Config:
     eval_seqlen: int = _f(2048, "tokens per perplexity window")
     # run
     device: str = _f("auto", "compute device: auto, cpu, cuda, cuda:N")
+    activations: str = _f("auto", "where the layer inputs live: auto (device if the plan fits, else host, else "
+                          "disk), device, host, disk (files under OUT.partial)", choices=["auto", "device", "host", "disk"])
+    # the memory plan (python -m gsq.quantize ... --dry-run): reads config.json only, writes nothing
+    dry_run: bool = _f(False, "print the memory plan and whether it fits, then exit")
+    ranks: int = _f(0, "--dry-run: ranks to plan for (default: this run's)")
+    gpu_memory: str = _f("", "GPU memory per rank, e.g. 80GB (default: this machine's GPU)")
+    host_memory: str = _f("", "host memory per machine, e.g. 2TB (default: this machine's available memory)")
+    json: bool = _f(False, "--dry-run: print the plan as JSON")
     resume: bool = _f(False, "continue an interrupted run in --out from its first unfinished layer")
     overwrite: bool = _f(False, "replace an existing --out")
     container: int = _f(2, "bits per code in the int32 words: 2 (true 2-bit) or 4 (Marlin-era vLLM)", choices=[2, 4, 8])
@@ -77,16 +87,16 @@ class Config:
         return json.dumps(shaping, indent=2) + "\n"
 
 
-RUN_CONTROL = ("out", "resume", "overwrite")
+RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations", "dry_run", "ranks", "gpu_memory",
+               "host_memory", "json")  # none of these changes a byte of the checkpoint
 
 
 PRESETS = {
-    # The bundled tiny model on 2 CPU cores: 256 x 256 calibration tokens (~16k per expert),
-    # 32 held-out windows of 256 tokens; learning rates scaled for 200-step runs.
+    # The bundled tiny model on 2 CPU cores: 256 x 256 calibration tokens (~16k per expert; a step's 16
+    # windows route ~1k to each), 32 held-out windows of 256 tokens; learning rates scaled for 200-step runs.
     "tiny": dict(dataset="../shared/data/wikitext-2/wiki.valid.tokens", num_samples=256, seqlen=256,
-                 batch_tokens=1024, epochs=10.0, min_steps=200, lr_logits=1e-3, lr_scales=1e-4,
-                 eval_data="../shared/data/wikitext-2-raw/wiki.test.raw", eval_windows=32, eval_seqlen=256,
-                 experts_per_batch=8),
+                 batch_size=16, epochs=10.0, min_steps=200, lr_logits=1e-3, lr_scales=1e-4,
+                 eval_data="../shared/data/wikitext-2-raw/wiki.test.raw", eval_windows=32, eval_seqlen=256),
 }
 
 

@@ -1,12 +1,14 @@
-"""Expert parallelism over torch.distributed: under `torchrun --nproc-per-node N -m gsq.quantize ...`
-every rank streams the same layers and holds the same calibration activations (shared, not split:
-they are the small part), the routed experts of each MoE layer are split across the ranks balanced by
-routed-token count, each rank optimises its own, and the results are gathered so that every rank
-passes the same quantized layer on. Rank 0 alone writes the checkpoint and runs the perplexity watch.
-NCCL on GPUs, gloo on CPUs. Without torchrun (no WORLD_SIZE) all of this is a single process.
+"""Data and expert parallelism over torch.distributed: under `torchrun --nproc-per-node N -m gsq.quantize ...`
+every rank streams the same layers and holds 1/N of the calibration windows (gsq.acts); the routed
+experts of each MoE layer are split across the ranks balanced by routed-token count, every token is sent
+to the ranks owning its top-k experts (`exchange`, all-to-all), each rank optimises its own experts, and
+the results are gathered so that every rank passes the same quantized layer on its windows. Rank 0
+writes the checkpoint. NCCL on GPUs, gloo on CPUs. Without torchrun (no WORLD_SIZE) all of this is a
+single process and `exchange` hands the tokens back as they are.
 
-Every expert's result depends only on its (layer, expert) seed and its tokens, not on which experts
-share its batch or its rank, so the checkpoint is byte-identical whatever the number of ranks.
+Every expert's result depends only on its (layer, expert) seed and the tokens it receives, which reach
+it in a canonical order (by position in the minibatch), not on which experts share its batch or its
+rank, so the checkpoint is byte-identical whatever the number of ranks.
 """
 
 import os
@@ -62,6 +64,34 @@ def gather(local: dict) -> dict:
     parts = [None] * world()
     dist.all_gather_object(parts, local)
     return {k: v for part in parts for k, v in part.items()}
+
+
+def exchange(rows: torch.Tensor, meta: torch.Tensor, counts: list) -> tuple:
+    """All-to-all: `rows[n, H]` and their `meta[n, m]` (int64), sorted by destination, `counts[r]` of them
+    for rank r; returns what every rank sent to this one, concatenated in rank order."""
+    if world() == 1:
+        return rows, meta
+    send = torch.tensor(counts, dtype=torch.int64, device=rows.device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    recv = recv.tolist()
+    out_rows = rows.new_empty((sum(recv), rows.shape[1]))
+    out_meta = meta.new_empty((sum(recv), meta.shape[1]))
+    dist.all_to_all_single(out_rows, rows.contiguous(), recv, counts)
+    dist.all_to_all_single(out_meta, meta.contiguous(), recv, counts)
+    return out_rows, out_meta
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over the ranks (exact for integers)."""
+    if world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
 
 
 def on_writer(fn, *args):

@@ -1,32 +1,32 @@
 """The run: stream the model layer by layer, quantize each MoE layer's routed experts with GSQ,
 pass the quantized layer's outputs on, write the checkpoint as it goes, watch perplexity.
 
+    plan the memory (gsq.plan): refuse a run that cannot fit, before any work
+    embed this rank's calibration windows into its activation store (gsq.acts)
     for each decoder layer i:
         load layer i from the shards
-        if MoE: route the calibration tokens, init every expert (GPTQ), refine it (GSQ)
-        inputs of layer i+1 = layer i (quantized experts) on the inputs of layer i
-        write layer i's shard; persist the activations (resume point); free layer i
+        if MoE: residual = h + attention(h) for every block of windows
+                route, init, refine, measure every routed expert (gsq.experts)
+                h = residual + MoE(residual), with the quantized experts
+        else:   h = layer(h)
+        write layer i's shard; the activations become the resume point; free layer i
         every --eval-every layers: perplexity of quantized layers 0..i + original rest
 """
 
 import json
-import math
 import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gsq import adapter, calib, dist, export, gptq, stream
+from gsq import acts, adapter, dist, experts, export, plan, stream
+from gsq import calib as calibration
 from gsq.config import Config
 from gsq.errors import InputError
 from gsq.eval import check_model_dir, eval_windows, pick_device, summarize, window_sums, wikitext_rows
-from gsq.kernels.pack import pack, unpack
-from gsq.quantizer import ExpertCodes, dequant, optimize, relative_error
 
 CHUNK = 8  # windows per forward pass through a layer
 
@@ -50,111 +50,14 @@ def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def expert_inputs(model, layer, hidden: torch.Tensor, device):
-    """Each routed expert's calibration inputs: the post-attention-norm states of the tokens the
-    router sends it, `[n_e, H]` per expert (on the activations' device)."""
-    per_expert = [[] for _ in range(adapter.num_experts(layer))]
-    for _, h, pos, pe in chunks(model, hidden, device):
-        x = adapter.post_attention_states(layer, h, pos, pe)
-        _, idx = adapter.route(layer, x)
-        for e, parts in enumerate(per_expert):
-            parts.append(x[(idx == e).any(-1)].to(hidden.device, hidden.dtype))
-    return [torch.cat(parts) for parts in per_expert]
-
-
-def uses_gptq(cfg: Config) -> bool:
-    """Whether the init (or, for --method gptq, the result) is GPTQ rather than RTN."""
-    return cfg.init == "gptq" if cfg.method == "gsq" else cfg.method == "gptq"
-
-
-def init_expert(weights, x, cfg: Config, grid_bits: int):
-    """(RTN codes+scales, init codes+scales) for gate, up, down of one expert on its tokens x."""
-    rtn, init = [], []
-    scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
-    use_gptq = uses_gptq(cfg)
-    inputs = [x, x, None]
-    if x.shape[0] >= cfg.min_tokens and use_gptq:
-        gate, up, _ = weights
-        inputs[2] = F.silu(x @ gate.T) * (x @ up.T)
-    for W, inp in zip(weights, inputs):
-        s = gptq.mse_scales(W, grid_bits, cfg.group_size, **scale_args)
-        rtn.append((gptq.rtn(W, s, grid_bits), s))
-        if x.shape[0] < cfg.min_tokens or not use_gptq:
-            init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
-        else:
-            init.append(gptq.gptq(W, inp.T @ inp, grid_bits, cfg.group_size, cfg.gptq_damp, cfg.gptq_block,
-                                  **scale_args))
-    return rtn, init
-
-
-def quantize_layer(model, layer, i: int, hidden, cfg: Config, device, dtype):
-    """Codes and scales of every routed expert of layer i, and the layer's statistics. GSQ trains in
-    `dtype`, the checkpoint's, and its scales are rounded to it. Under torchrun each rank initialises,
-    trains and measures its share of the experts, and every rank gets all of them back."""
-    xs = expert_inputs(model, layer, hidden, device)
-    counts = [x.shape[0] for x in xs]
-    E = len(xs)
-    trained = [e for e in range(E) if counts[e] >= cfg.min_tokens and cfg.method == "gsq"]
-    mean_tokens = sum(counts[e] for e in trained) / max(1, len(trained))
-    steps = max(cfg.min_steps, math.ceil(cfg.epochs * mean_tokens / cfg.batch_tokens))
-    seeds = [(cfg.seed * 1_000_003 + i) * 100_003 + e for e in range(E)]
-    local = cfg.bits > 2
-    grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
-    qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
-    t_experts = time.time()
-    mine = dist.assign(counts, list(range(E)), dist.world())[dist.rank()]  # all of them on one process
-    fp = {e: tuple(w.float() for w in adapter.expert_weights(layer, e)) for e in mine}
-    rtn, init = {}, {}
-    for e in mine:
-        rtn[e], init[e] = init_expert(fp[e], xs[e].to(device).float(), cfg, cfg.bits)
-    final = dict(init)
-    trajectory = []
-    todo = [e for e in mine if e in trained]
-    for b in range(0, len(todo), cfg.experts_per_batch):
-        batch = todo[b : b + cfg.experts_per_batch]
-        codes = [torch.stack([init[e][p][0] for e in batch]).to(device) for p in range(3)]
-        scales = [torch.stack([init[e][p][1] for e in batch]).to(device) for p in range(3)]
-        module = ExpertCodes(codes, scales, grid.to(device), cfg.init_sigma, cfg.init_alpha,
-                             [seeds[e] for e in batch], local=local, qrange=qrange)
-        weights = tuple(torch.stack([fp[e][p] for e in batch]).to(device, dtype) for p in range(3))
-        trajectory += optimize(module, [xs[e] for e in batch], weights, steps, cfg.batch_tokens, cfg,
-                               [seeds[e] for e in batch], dtype)
-        hard = module.hard(dtype)
-        for j, e in enumerate(batch):
-            final[e] = [(hard[p][0][j].cpu(), hard[p][1][j].cpu()) for p in range(3)]
-    errs = {}  # relative output error of RTN, the init and the result, on the expert's tokens
-    for e in mine:
-        if counts[e] >= cfg.min_tokens:
-            x = xs[e][: 4096].to(device, torch.float32)[None]
-            ref = tuple(w[None] for w in fp[e])
-            errs[e] = [relative_error(x, ref, tuple(dequant(c, s).to(device)[None] for c, s in q))
-                       for q in (rtn[e], init[e], final[e])]
-    if dist.world() > 1:  # every rank passes on the same layer: gather the experts as packed 2/4-bit words
-        bits = 2 if cfg.bits == 2 else 4
-        got = dist.gather({e: ([(pack(c, bits), s, c.shape[-1]) for c, s in final[e]], errs.get(e)) for e in mine})
-        final = {e: [(unpack(w, bits, n), s) for w, s, n in q] for e, (q, _) in got.items()}
-        errs = {e: err for e, (_, err) in got.items() if err is not None}
-    per_expert = {name: [errs[e][k] for e in sorted(errs)] for k, name in enumerate(("rtn", "init", "gsq"))}
-    stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
-             "tokens_per_expert": counts, "steps": steps, "gsq_experts": len(trained),
-             "rtn_init_experts": [e for e in range(E) if counts[e] < cfg.min_tokens],
-             "expert_seconds": round(time.time() - t_experts, 2), "ranks": dist.world(),
-             **{f"err_{k}": sum(v) / max(1, len(v)) for k, v in per_expert.items()}, "err_per_expert": per_expert,
-             "loss_trajectory": trajectory[-1:]}
-    final = [final[e] for e in range(E)]
-    for e in range(E):  # the quantized experts, exactly as the checkpoint will dequantize them
-        adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in final[e]))  # exact in dtype
-    return final, stats
-
-
 def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
     keys = ckpt.layer_keys(arch, i)
     tensors = {}
     expert_keys = set()
     for e, projs in enumerate(final or []):
-        for p, (codes, scales) in enumerate(projs):
+        for p, result in enumerate(projs):
+            codes, scales = experts.unpacked(result)
             key = arch.expert_key(i, e, p)
             expert_keys.add(key + ".weight")
             tensors.update(export.expert_tensors(key, codes, scales, container))
@@ -162,32 +65,64 @@ def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     return tensors
 
 
-def perplexity(model, ckpt, arch, eval_hidden, windows, first_original: int, device, compute) -> float:
-    """Perplexity with layers before `first_original` quantized (their outputs are `eval_hidden`)
-    and the original layers from there on, streamed from the checkpoint."""
-    h = eval_hidden
+def positions(model, h: torch.Tensor):
+    """Position ids and rotary embeddings for a block of windows `[B, S, H]`."""
+    pos = torch.arange(h.shape[1], device=h.device)[None]
+    return dict(position_ids=pos, position_embeddings=model.model.rotary_emb(h, pos))
+
+
+@torch.no_grad()
+def layer_pass(model, layer, stores: list, compute):
+    """h = layer(h) for every block of windows in `stores`, in place."""
+    for store in stores:
+        for b in store.blocks:
+            h = store.get(b, compute)
+            store.put(b, layer(h, attention_mask=None, **positions(model, h)))
+
+
+def moe_layer(model, layer, i: int, calib, cfg, dtype, compute, experts_per_batch: int):
+    """A MoE layer on the calibration windows: attention, its routed experts quantized, then the MoE
+    block with the quantized experts. Returns the packed experts and the layer's statistics."""
+    with torch.no_grad():
+        for b in calib.blocks:
+            h = calib.get(b, compute)
+            calib.put(b, adapter.attention_residual(layer, h, **positions(model, h)))
+    final, stats = experts.quantize(layer, i, calib, cfg, dtype, experts_per_batch)
+    with torch.no_grad():
+        for b in calib.blocks:
+            calib.put(b, adapter.moe_output(layer, calib.get(b, compute)))
+    return final, stats
+
+
+def perplexity(model, ckpt, arch, evals, windows, first_original: int, device, compute) -> float:
+    """Perplexity with layers before `first_original` quantized (their outputs are in `evals`) and the
+    original layers from there on, streamed from the checkpoint; every rank runs its windows."""
+    h = evals.scratch()
     for j in range(first_original, len(model.model.layers)):
         layer = stream.load_layer(ckpt, model, arch, j, device, compute)
-        h = forward(model, layer, h, device)
+        with torch.no_grad():
+            for b, x in h.items():
+                x = x.to(device, compute)
+                h[b] = layer(x, attention_mask=None, **positions(model, x)).to(h[b].device, h[b].dtype)
         stream.unload_layer(model, j)
-    sums = []
+    sums = {}
     with torch.no_grad():
-        for n in range(h.shape[0]):
-            logits = model.lm_head(model.model.norm(h[n : n + 1].to(device, compute)))[0]
-            sums.append(window_sums(logits, windows[n]))
-    return summarize(sums)["ppl"]
+        for b, x in h.items():
+            for n, w in enumerate(range(evals.n)[evals.windows(b)]):
+                logits = model.lm_head(model.model.norm(x[n : n + 1].to(device, compute)))[0]
+                sums[w] = window_sums(logits, windows[w])
+    sums = dist.gather(sums)
+    return summarize([sums[w] for w in sorted(sums)])["ppl"]
 
 
 def dtypes(tcfg, device):
-    """(model dtype, compute dtype of the layers, where activations are stored). On a CPU the layers
-    run in float32: bf16 matmuls there go through oneDNN, which keeps state for every new shape (MoE
-    token counts make every shape new) and grows the process layer by layer; float32 is also no
-    slower there. GSQ's own steps (fixed shapes) stay in the model dtype, and activations are stored
-    in it either way: on the GPU, or in host memory."""
+    """(model dtype, compute dtype of the layers). On a CPU the layers run in float32: bf16 matmuls there
+    go through oneDNN, which keeps state for every new shape (MoE token counts make every shape new) and
+    grows the process layer by layer; float32 is also no slower there. GSQ's own steps stay in the model
+    dtype, and activations are stored in it."""
     dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    compute = torch.float32 if device.type == "cpu" else dtype
-    return dtype, compute, device if device.type == "cuda" else torch.device("cpu")
+    return dtype, torch.float32 if device.type == "cpu" else dtype
 
 
 def prepare_output(cfg: Config, src: Path) -> Path:
@@ -209,25 +144,18 @@ def prepare_output(cfg: Config, src: Path) -> Path:
     return root
 
 
-def save_state(work: Path, next_layer: int, hidden, eval_hidden, record: dict):
-    """Resume point after a layer: activations, then progress, each written whole and renamed."""
-    work.mkdir(exist_ok=True)
-    tensors = {"hidden": hidden.cpu().contiguous()}
-    if eval_hidden is not None:
-        tensors["eval_hidden"] = eval_hidden.cpu().contiguous()
-    save_file(tensors, work / "acts.tmp")
-    os.replace(work / "acts.tmp", work / f"acts-{next_layer}.safetensors")
+def save_state(work: Path, next_layer: int, record: dict):
+    """The resume point before `next_layer` (its activations are committed already): progress, written
+    whole and renamed, then older activations removed."""
     (work / "state.tmp").write_text(json.dumps({"next_layer": next_layer, "record": record}))
     os.replace(work / "state.tmp", work / "state.json")
-    for old in work.glob("acts-*.safetensors"):
-        if old.name != f"acts-{next_layer}.safetensors":
-            old.unlink()
+    acts.drop_old(work, next_layer)
 
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
     device = torch.device(dist.init(pick_device(cfg.device)))  # under torchrun: this rank's device
-    writer = dist.is_writer()  # rank 0 writes the checkpoint and watches the perplexity
+    writer = dist.is_writer()  # rank 0 writes the checkpoint
     src = check_model_dir(cfg.model)
     from transformers import AutoConfig, AutoTokenizer
 
@@ -236,71 +164,98 @@ def run(cfg: Config) -> dict:
     tcfg = adapter.text_config(config)
     model = stream.skeleton(tcfg)
     adapter.check_quantizable(model, cfg.group_size)
+    dtype, compute = dtypes(tcfg, device)
+    gpu, host = plan.machine(cfg, device.type)
+    setup = plan.Setup(plan.dimensions(tcfg, model), dist.world(),
+                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpu, host, dtype.itemsize)
+    memory = plan.plan(setup, cfg)
+    plan.check(memory)  # a run that cannot fit is refused here, before any work
     ckpt = stream.Checkpoint(src)
     root = dist.on_writer(prepare_output, cfg, src)
     work = root / ".gsq-work"
-    dtype, compute, store = dtypes(tcfg, device)
     tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
     windows = None
-    if cfg.eval_every and writer:
+    if cfg.eval_every:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None), cfg.eval_seqlen, cfg.eval_windows)
-    n_layers = len(model.model.layers)
+    n_layers, hidden_size = len(model.model.layers), tcfg.hidden_size
+    placement = memory.placement if device.type == "cuda" or memory.placement == "disk" else "host"
+    calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden_size), placement, device, dtype, work)
+    stores = [calib]
+    evals = None
+    if windows is not None:
+        evals = acts.Activations("eval", (windows.shape[0], cfg.eval_seqlen, hidden_size), placement, device, dtype, work)
+        stores.append(evals)
 
     if cfg.resume and (work / "state.json").exists():
         state = json.loads((work / "state.json").read_text())
         start, record = state["next_layer"], state["record"]
-        acts = load_file(work / f"acts-{start}.safetensors")
-        hidden, eval_hidden = acts["hidden"].to(store), acts.get("eval_hidden")
-        eval_hidden = None if eval_hidden is None or windows is None else eval_hidden.to(store)
+        dist.barrier()
+        if writer:
+            acts.drop_old(work, start)  # an unfinished layer's activations
+        for store in stores:
+            store.load(start)
         if writer:
             print(f"resuming {root} at layer {start} of {n_layers}")
     else:
-        ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
-        if writer:
-            print(f"calibration: {note}" + (f"; experts split over {dist.world()} ranks" if dist.world() > 1 else ""))
+        ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
+                                                cfg.seqlen, cfg.seed)
         start, record = 0, {"calibration": note, "layers": [], "ppl": []}
         with torch.no_grad():
-            hidden = model.model.embed_tokens(ids.to(device)).to(store, dtype)
-            eval_hidden = None if windows is None else model.model.embed_tokens(windows.to(device)).to(store, dtype)
+            for store, tokens in ((calib, ids), (evals, windows)):
+                if store is not None:
+                    store.begin(-1)
+                    for b in store.blocks:
+                        store.put(b, model.model.embed_tokens(tokens[store.windows(b)].to(device)))
+        acts.commit(work, 0, stores)
         if windows is not None:
             record["ppl"].append({"layers_quantized": 0, "ppl": perplexity(
-                model, ckpt, arch, eval_hidden, windows, 0, device, compute)})
-            print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
+                model, ckpt, arch, evals, windows, 0, device, compute)})
+        if writer:
+            print(f"calibration: {note}")
+            if windows is not None:
+                print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
+            save_state(work, 0, record)
+    resident = dist.gather({dist.rank(): sum(s.resident_bytes() for s in stores)})
+    if writer:
+        print(f"memory plan: layer inputs on {placement}, {memory.experts_per_batch} experts per batch; "
+              + ", ".join(f"rank {r} holds {resident[r] / 2**20:.1f} MB of layer inputs" for r in sorted(resident)))
 
     for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers, disable=not writer):
         t_layer = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         layer = stream.load_layer(ckpt, model, arch, i, device, compute)
+        for store in stores:
+            store.begin(i)
         final, stats = None, {"layer": i, "moe": False}
         if adapter.is_moe(layer):
-            final, stats = quantize_layer(model, layer, i, hidden, cfg, device, dtype)
+            final, stats = moe_layer(model, layer, i, calib, cfg, dtype, compute, memory.experts_per_batch)
             stats["moe"] = True
-        hidden = forward(model, layer, hidden, device)
-        if eval_hidden is not None:
-            eval_hidden = forward(model, layer, eval_hidden, device)
+            layer_pass(model, layer, stores[1:], compute)
+        else:
+            layer_pass(model, layer, stores, compute)
         if writer:
             export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
                               cfg.max_shard_bytes)
         stream.unload_layer(model, i)
         del layer, final
         release_host_memory()
-        stats["seconds"] = round(time.time() - t_layer, 1)
-        stats["peak_rss_mb"] = peak_rss_mb()
-        stats["rss_mb"] = current_rss_mb()
+        stats.update(seconds=round(time.time() - t_layer, 1), peak_rss_mb=peak_rss_mb(), rss_mb=current_rss_mb())
         if device.type == "cuda":
             stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         record["layers"].append(stats)
         if writer:
             tqdm.write(layer_summary(stats))
         done = i + 1
+        acts.commit(work, done, stores)
         if windows is not None and (done % cfg.eval_every == 0 or done == n_layers):
-            ppl = perplexity(model, ckpt, arch, eval_hidden, windows, done, device, compute)
+            ppl = perplexity(model, ckpt, arch, evals, windows, done, device, compute)
             record["ppl"].append({"layers_quantized": done, "ppl": ppl})
-            print(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
+            if writer:
+                tqdm.write(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
         if writer:
-            save_state(work, done, hidden, eval_hidden, record)
+            save_state(work, done, record)
 
     if not writer:
         dist.finish()

@@ -156,7 +156,8 @@ def run(cfg: Config) -> dict:
     pruned = stream.skeleton(pruned_cfg)  # the layers as they will be, for passing activations on
     ckpt = stream.Checkpoint(src)
     root = prepare_output(cfg, src)
-    dtype, compute, store = dtypes(tcfg, device)
+    dtype, compute = dtypes(tcfg, device)
+    store = device  # the activations: on the GPU, or in host memory
     tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
     ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)

@@ -34,13 +34,16 @@ def cosine(step: int, steps: int, final: float) -> float:
 
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023): update = sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g;
-    decoupled weight decay p *= 1 - lr * wd. Elementwise, so independent problems batch exactly."""
+    decoupled weight decay p *= 1 - lr * wd. Elementwise, so independent problems batch exactly.
+
+    `step(active)`: only the experts (rows of the leading dimension) where `active` is true move, momentum
+    included; the others are left exactly as they were (an expert that got no token in this step)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.95), weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, active: torch.Tensor | None = None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -49,15 +52,21 @@ class Lion(torch.optim.Optimizer):
                 m = self.state[p].setdefault("m", torch.zeros_like(p, dtype=torch.float32))
                 g = p.grad.float()
                 update = torch.sign(beta1 * m + (1 - beta1) * g)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
-                m.mul_(beta2).add_(g, alpha=1 - beta2)
+                if active is None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    m.mul_(beta2).add_(g, alpha=1 - beta2)
+                    continue
+                on = active.view(-1, *[1] * (p.dim() - 1)).to(p.device)
+                p.copy_(torch.where(on, p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update.to(p.dtype), p))
+                m.copy_(torch.where(on, m * beta2 + (1 - beta2) * g, m))
 
 
 def swiglu(x, gate, up, down):
-    """Batched SwiGLU experts: x `[E, T, H]`, gate/up `[E, I, H]`, down `[E, H, I]` -> `[E, T, H]`."""
-    return torch.bmm(F.silu(torch.bmm(x, gate.transpose(1, 2))) * torch.bmm(x, up.transpose(1, 2)),
-                     down.transpose(1, 2))
+    """SwiGLU experts: x `[T, H]`, gate/up `[I, H]`, down `[H, I]` -> `[T, H]`; or batched, with a leading
+    expert dimension on all four."""
+    t = lambda w: w.transpose(-1, -2)
+    return (F.silu(x @ t(gate)) * (x @ t(up))) @ t(down)
 
 
 class ExpertCodes(torch.nn.Module):
@@ -100,43 +109,43 @@ def dequant(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return scales.float().repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1) * codes.float()
 
 
-def token_stream(n: int, batch: int, steps: int, generator) -> torch.Tensor:
-    """Indices `[steps, batch]` into an expert's n tokens: consecutive random permutations (epochs)."""
-    need = steps * batch
-    perms = [torch.randperm(n, generator=generator) for _ in range(max(1, -(-need // n)))]  # 0 steps: empty
-    return torch.cat(perms)[:need].view(steps, batch)
+def optimizer(model: ExpertCodes, cfg) -> Lion:
+    return Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
+                 {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
+                lr=cfg.lr_logits, betas=cfg.lion_betas)
 
 
-def optimize(model: ExpertCodes, xs: list, fp: tuple, steps: int, batch: int, cfg, seeds: list, dtype) -> list:
-    """Train `model` (E experts) so that soft experts match the full-precision experts `fp` (gate, up,
-    down stacked `[E, ...]`) on each expert's tokens `xs[e]` `[n_e, H]`. `seeds[e]` fixes expert e's
-    token order and noise. Returns the loss trajectory (mean relative MSE every 10% of the steps)."""
-    device = fp[0].device
-    streams = [token_stream(x.shape[0], batch, steps, torch.Generator().manual_seed(s)) for x, s in zip(xs, seeds)]
-    opt = Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
-                {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
-               lr=cfg.lr_logits, betas=cfg.lion_betas)
-    base_lr = [g["lr"] for g in opt.param_groups]
-    noise_seeds = torch.tensor([[s * 4 + p for s in seeds] for p in range(3)], dtype=torch.int64)
-    trajectory = []
-    for step in range(steps):
-        tau = linear(*cfg.tau, step, steps)
-        kappa = linear(*cfg.kappa, step, steps)
-        for g, lr in zip(opt.param_groups, base_lr):
-            g["lr"] = lr * cosine(step, steps, cfg.lr_final)
-        x = torch.stack([xe[st[step]] for xe, st in zip(xs, streams)]).to(device=device, dtype=dtype)
+def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, seeds: list, dtype):
+    """Optimizer step t of `steps` for the E experts of `model`: soft experts match the full-precision
+    experts `fp` (gate, up, down stacked `[E, ...]`) on the tokens `xs[e]` `[n_e, H]` the minibatch routed
+    to expert e. The loss of expert e is its relative output MSE; experts with no token do not move.
+    `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
+    tau, kappa = linear(*cfg.tau, t, steps), linear(*cfg.kappa, t, steps)
+    for g, lr in zip(opt.param_groups, (cfg.lr_logits, cfg.lr_scales)):
+        g["lr"] = lr * cosine(t, steps, cfg.lr_final)
+    # fresh noise every step: (seed, projection, step) -> a distinct Philox stream per expert
+    noise = torch.tensor([[(s * 4 + p) * 1_000_003 + t for s in seeds] for p in range(3)], dtype=torch.int64) % 2**62
+    soft = model.soft(tau, kappa, noise.to(fp[0].device), dtype)
+    # one expert at a time through the SwiGLU (token counts differ; memory is one expert's tokens), each
+    # with its own leaf of the soft weights, then one backward through the fused fake-quant
+    leaves = [[w[e].detach().requires_grad_() for w in soft] for e in range(len(xs))]
+    losses = torch.full((len(xs),), float("nan"), device=fp[0].device)
+    for e, x in enumerate(xs):
+        if x.shape[0] == 0:
+            continue
+        x = x.to(fp[0].device, dtype)
         with torch.no_grad():
-            target = swiglu(x, *fp).float()
-        # fresh noise every step: (seed, projection, step) -> a distinct Philox stream per expert
-        step_seeds = (noise_seeds * 1_000_003 + step) % (2**62)
-        y = swiglu(x, *model.soft(tau, kappa, step_seeds.to(device), dtype)).float()
-        per_expert = ((y - target) ** 2).sum((1, 2)) / (target**2).sum((1, 2)).clamp(min=1e-12)
-        opt.zero_grad(set_to_none=True)
-        per_expert.sum().backward()
-        opt.step()
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            trajectory.append((step, per_expert.mean().item(), tau, kappa))
-    return trajectory
+            target = swiglu(x, *(w[e] for w in fp)).float()
+        y = swiglu(x, *leaves[e]).float()
+        loss = ((y - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)
+        loss.backward()
+        losses[e] = loss.detach()
+    grads = [torch.stack([leaf[p].grad if leaf[p].grad is not None else torch.zeros_like(leaf[p]) for leaf in leaves])
+             for p in range(3)]
+    opt.zero_grad(set_to_none=True)
+    torch.autograd.backward(soft, grads)
+    opt.step(active=torch.tensor([x.shape[0] > 0 for x in xs]))
+    return losses
 
 
 @torch.no_grad()

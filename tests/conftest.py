@@ -41,7 +41,7 @@ def wiki_rows():
 # Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers; the perplexity
 # watch on 4 windows of 128 tokens.
 FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
-        "--batch-tokens", "128", "--scale-grid", "20", "--eval-windows", "4", "--eval-seqlen", "128"]
+        "--batch-size", "4", "--scale-grid", "20", "--eval-windows", "4", "--eval-seqlen", "128"]
 
 
 def quantize(*args, wait=True, model=TINY_MODEL):

@@ -28,8 +28,8 @@ def faulty_save(tensors, path, metadata=None):
 
 
 import gsq.export  # noqa: E402  (patched where they call it)
-import gsq.pipeline  # noqa: E402
+import gsq.acts  # noqa: E402
 
-gsq.export.save_file = gsq.pipeline.save_file = faulty_save
+gsq.export.save_file = gsq.acts.save_file = faulty_save
 sys.argv = ["python -m gsq.quantize", *args]
 runpy.run_module("gsq.quantize", run_name="__main__")

@@ -1,0 +1,227 @@
+"""One MoE layer's routed experts, trained on streamed minibatches: route, init, refine, measure.
+
+    counts  = tokens the router sends each expert over all calibration windows (summed over the ranks)
+    owners  = experts split over the ranks, balanced by count
+    for each group of experts (every rank's next --experts-per-batch; all ranks step together):
+        init     GPTQ from Hessians summed minibatch by minibatch over the first --gptq-samples windows
+                 (H of x for gate/up, H of the SwiGLU intermediate for down); MSE-RTN below --min-tokens
+        refine   GSQ: step t takes minibatch t (--batch-size windows, seeded epochs); every token goes to
+                 the rank owning each of its top-k experts; every expert that received tokens steps
+        measure  relative output error of RTN, init and result on the first MEASURE windows' tokens
+    every rank gets every expert's codes back (packed)
+
+The inputs are the layer's post-attention residuals in `calib` (gsq.acts); an expert's tokens are
+`post_attention_layernorm(residual)`, in the storage dtype. Memory is bounded by one minibatch and one
+group of experts, never by the calibration set.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gsq import adapter, dist, gptq
+from gsq.acts import BLOCK
+from gsq.kernels.pack import pack, unpack
+from gsq.quantizer import ExpertCodes, dequant, optimizer, relative_error, step, swiglu
+
+MEASURE = 64  # windows whose tokens measure each expert's error
+
+
+def uses_gptq(cfg) -> bool:
+    """Whether the init (or, for --method gptq, the result) is GPTQ rather than RTN."""
+    return cfg.init == "gptq" if cfg.method == "gsq" else cfg.method == "gptq"
+
+
+def compute_dtype(layer):
+    return next(layer.parameters()).dtype
+
+
+@torch.no_grad()
+def counts(layer, calib) -> list:
+    """Routed tokens per expert over every calibration window (all ranks)."""
+    total = torch.zeros(adapter.num_experts(layer), dtype=torch.int64, device=calib.device)
+    for b in calib.blocks:
+        _, idx = adapter.route(layer, adapter.moe_input(layer, calib.get(b, compute_dtype(layer))))
+        total += torch.bincount(idx.flatten(), minlength=total.numel())
+    return dist.all_sum(total).tolist()
+
+
+@torch.no_grad()
+def routed(layer, calib, batch: list, owner: dict) -> dict:
+    """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
+    delivered to their owners: {expert: x `[n, H]`} for this rank's experts. An expert's tokens come in
+    the canonical order (block's position in `batch`, then token), whichever rank computed them."""
+    E, dev = adapter.num_experts(layer), calib.device
+    dest = torch.full((E,), -1, dtype=torch.int64, device=dev)
+    dest[list(owner)] = torch.tensor(list(owner.values()), dtype=torch.int64, device=dev)
+    per_block = BLOCK * calib.shape[1]
+    rows, meta = [], []
+    for pos, b in enumerate(batch):
+        if b % dist.world() != dist.rank():
+            continue
+        x = adapter.moe_input(layer, calib.get(b, compute_dtype(layer)))
+        _, idx = adapter.route(layer, x)
+        tok, slot = (dest[idx] >= 0).nonzero(as_tuple=True)
+        e = idx[tok, slot]
+        rows.append(x[tok].to(calib.dtype))
+        meta.append(torch.stack([dest[e], e, pos * per_block + tok], 1))
+    H = layer.post_attention_layernorm.weight.shape[0]
+    rows = torch.cat(rows) if rows else torch.empty(0, H, dtype=calib.dtype, device=dev)
+    meta = torch.cat(meta) if meta else torch.empty(0, 3, dtype=torch.int64, device=dev)
+    order = torch.argsort(meta[:, 0], stable=True)
+    sizes = torch.bincount(meta[:, 0], minlength=dist.world()).tolist()
+    rows, meta = dist.exchange(rows[order], meta[order, 1:], sizes)
+    order = torch.argsort(meta[:, 0] * (len(batch) * per_block) + meta[:, 1])
+    rows, experts = rows[order], meta[order, 0]
+    split = rows.split(torch.bincount(experts, minlength=E).tolist())
+    return {e: split[e] for e, r in owner.items() if r == dist.rank()}
+
+
+def in_batches(blocks: list, per_batch: int) -> list:
+    return [blocks[i : i + per_batch] for i in range(0, len(blocks), per_batch)]
+
+
+def minibatches(n_blocks: int, per_batch: int, steps: int, seed: int) -> list:
+    """Blocks of each of `steps` minibatches: consecutive seeded permutations of all blocks (epochs)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = steps * per_batch
+    perms = [torch.randperm(n_blocks, generator=gen) for _ in range(-(-need // n_blocks))]
+    return torch.cat(perms or [torch.empty(0, dtype=torch.int64)])[:need].view(steps, per_batch).tolist()
+
+
+@torch.no_grad()
+def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
+    """{expert: (H of x, H of the SwiGLU intermediate, tokens)} over the first --gptq-samples windows."""
+    H = {e: [0, 0, 0] for e in fp}
+    first = list(range(-(-min(cfg.gptq_samples, calib.n) // BLOCK)))
+    for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
+        for e, x in routed(layer, calib, batch, owner).items():
+            x = x.float()
+            gate, up, _ = fp[e]
+            mid = F.silu(x @ gate.T) * (x @ up.T)
+            H[e] = [H[e][0] + x.T @ x, H[e][1] + mid.T @ mid, H[e][2] + x.shape[0]]
+    return H
+
+
+def init_expert(weights, H, cfg):
+    """(RTN codes+scales, init codes+scales) for gate, up, down of one expert with Hessians H."""
+    rtn, init = [], []
+    scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
+    for W, h in zip(weights, (H[0], H[0], H[1])):
+        s = gptq.mse_scales(W, cfg.bits, cfg.group_size, **scale_args)
+        rtn.append((gptq.rtn(W, s, cfg.bits), s))
+        if H[2] < cfg.min_tokens or not uses_gptq(cfg):
+            init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
+        else:
+            init.append(gptq.gptq(W, h, cfg.bits, cfg.group_size, cfg.gptq_damp, cfg.gptq_block, **scale_args))
+    return rtn, init
+
+
+def refine(layer, calib, owner: dict, fp: dict, init: dict, seeds: list, batches: list, cfg, dtype, bar) -> tuple:
+    """GSQ on the experts of `owner` (all of them trained) over `batches`: {expert: hard codes+scales} for
+    this rank's, and the loss trajectory."""
+    mine = sorted(e for e, r in owner.items() if r == dist.rank())
+    local = cfg.bits > 2
+    grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
+    qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
+    module = opt = None
+    if mine:
+        dev = calib.device
+        module = ExpertCodes([torch.stack([init[e][p][0] for e in mine]).to(dev) for p in range(3)],
+                             [torch.stack([init[e][p][1] for e in mine]).to(dev) for p in range(3)],
+                             grid.to(dev), cfg.init_sigma, cfg.init_alpha, [seeds[e] for e in mine],
+                             local=local, qrange=qrange)
+        weights = tuple(torch.stack([fp[e][p] for e in mine]).to(dtype) for p in range(3))
+        opt = optimizer(module, cfg)
+    trajectory = []
+    for t, batch in enumerate(batches):
+        tokens = routed(layer, calib, batch, owner)  # every rank takes part, with experts of its own or not
+        if mine:
+            losses = step(module, opt, [tokens[e] for e in mine], weights, t, len(batches), cfg,
+                          [seeds[e] for e in mine], dtype)
+            if t % max(1, len(batches) // 10) == 0 or t == len(batches) - 1:
+                trajectory.append((t, losses.nanmean().item()))
+        bar.update()
+    if not mine:
+        return {}, trajectory
+    hard = module.hard(dtype)
+    return {e: [(hard[p][0][j], hard[p][1][j]) for p in range(3)] for j, e in enumerate(mine)}, trajectory
+
+
+@torch.no_grad()
+def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
+    """{expert: relative output error of each of its results (RTN, init, final)} on the tokens of the
+    first MEASURE windows, summed minibatch by minibatch."""
+    sums = {e: torch.zeros(len(results[e]) + 1, dtype=torch.float64) for e in fp}  # errors..., target
+    first = list(range(-(-min(MEASURE, calib.n) // BLOCK)))
+    for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
+        for e, x in routed(layer, calib, batch, owner).items():
+            x = x.float()
+            target = swiglu(x, *fp[e])
+            for k, q in enumerate(results[e]):
+                y = swiglu(x, *(dequant(c, s).to(x.device) for c, s in q))
+                sums[e][k] += ((y - target) ** 2).sum().item()
+            sums[e][-1] += (target**2).sum().item()
+    return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}
+
+
+def packed(codes, scales, bits: int) -> tuple:
+    """A result as kept until the layer is written (and as ranks exchange it): 16 codes per int32 (2-bit)
+    or 8 (3, 4 bits), the scales, the row length."""
+    return pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits
+
+
+def unpacked(result: tuple) -> tuple:
+    words, scales, n, bits = result
+    return unpack(words, 2 if bits == 2 else 4, n), scales
+
+
+def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int):
+    """Packed codes and scales of every routed expert of layer i (`final[e][p]`, see `packed`), and the
+    layer's statistics; the layer's experts
+    are replaced by their quantized weights (exactly as the checkpoint will dequantize them). GSQ trains
+    in `dtype`, the checkpoint's, and its scales are rounded to it."""
+    t0 = time.time()
+    E = adapter.num_experts(layer)
+    count = counts(layer, calib)
+    owners = dist.assign(count, list(range(E)), dist.world())
+    trained = {e for e in range(E) if count[e] >= cfg.min_tokens and cfg.method == "gsq"}
+    n_blocks, per_batch = -(-calib.n // BLOCK), max(1, cfg.batch_size // BLOCK)
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * calib.n / cfg.batch_size)) if trained else 0
+    batches = minibatches(n_blocks, min(per_batch, n_blocks), steps, cfg.seed * 1_000_003 + i)
+    seeds = [(cfg.seed * 1_000_003 + i) * 100_003 + e for e in range(E)]
+    n_groups = max(-(-len(m) // experts_per_batch) for m in owners)
+    final, errs, trajectory = {}, {}, []
+    bar = tqdm(total=n_groups * steps, desc=f"layer {i} GSQ steps", leave=False, disable=not dist.is_writer())
+    for g in range(n_groups):
+        owner = {e: r for r, m in enumerate(owners) for e in m[g * experts_per_batch:(g + 1) * experts_per_batch]}
+        fp = {e: tuple(w.float() for w in adapter.expert_weights(layer, e)) for e, r in owner.items()
+              if r == dist.rank()}
+        H = hessians(layer, calib, owner, fp, cfg) if uses_gptq(cfg) else {e: (None, None, 0) for e in fp}
+        results = {e: init_expert(fp[e], H[e], cfg) for e in fp}  # (rtn, init)
+        del H
+        learned, traj = refine(layer, calib, {e: r for e, r in owner.items() if e in trained}, fp,
+                               {e: q[1] for e, q in results.items()}, seeds, batches if trained & set(owner) else [],
+                               cfg, dtype, bar)
+        trajectory += traj
+        results = {e: [*q, learned.get(e, q[1])] for e, q in results.items()}
+        errs.update(measure(layer, calib, owner, fp, results, cfg))
+        final.update({e: [packed(c, s, cfg.bits) for c, s in q[2]] for e, q in results.items()})
+    bar.close()
+    got = dist.gather({e: (final[e], errs.get(e)) for e in final})
+    final = [got[e][0] for e in range(E)]
+    errs = {e: got[e][1] for e in got if got[e][1] is not None and count[e] >= cfg.min_tokens}
+    per_expert = {name: [errs[e][k] for e in sorted(errs)] for k, name in enumerate(("rtn", "init", "gsq"))}
+    for e in range(E):
+        adapter.set_expert_weights(layer, e, *(dequant(*unpacked(q)).to(dtype) for q in final[e]))  # exact in dtype
+    stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
+             "tokens_per_expert": count, "steps": steps, "gsq_experts": len(trained),
+             "rtn_init_experts": [e for e in range(E) if count[e] < cfg.min_tokens],
+             "experts_per_batch": experts_per_batch, "groups": n_groups,
+             "expert_seconds": round(time.time() - t0, 2), "ranks": dist.world(),
+             **{f"err_{k}": sum(v) / max(1, len(v)) for k, v in per_expert.items()}, "err_per_expert": per_expert,
+             "loss_trajectory": trajectory[-1:]}
+    return final, stats

@@ -1,0 +1,293 @@
+"""The memory plan: what one rank holds while it quantizes, from config.json alone, and whether it fits.
+
+    python -m gsq.quantize --model DIR --dry-run [--ranks N] [--gpu-memory 80GB] [--host-memory 1TB] [--json]
+
+Per rank, with H hidden, I expert intermediate, E routed experts, k per token, N ranks, B windows per step of
+S tokens, d bytes per stored value (the model dtype), c per compute value (the model dtype on a GPU,
+float32 on a CPU):
+- one layer's weights, in compute dtype, on the device (and once more on the host while it is loaded);
+- the layer inputs: the rank's share of the windows x S x H x d (calibration + perplexity watch), on the
+  device, on the host, or on disk (`--activations`);
+- a layer pass over one block of windows: an allowance of 10 x H x c per token;
+- a group of `--experts-per-batch` experts in training: per weight 3 x L x 4 bytes (logits, their gradient,
+  Lion's momentum; L = 4 levels, 5 local shifts) + 3 x d (soft weight, its gradient, the target weight)
+  + 4 (a float32 copy for init and measurement) + 2 (RTN and init codes), and on a CPU 4 x L more (the
+  reference path keeps the probabilities);
+- one step's routed tokens: the rank's share of the minibatch sent (B/N x S x k slots of the active
+  experts) and its experts' received, at IMBALANCE times the mean load, x H x d; and one expert at a time
+  through the SwiGLU with autograd, IMBALANCE x B x S x k / E tokens x (16 H + 8 I) bytes;
+- GPTQ: the group's Hessians, 4 (H^2 + I^2) each, and one expert's workspace 4 (3 H^2 + 2 H I).
+The device holds the layer, the device-resident inputs and the largest of the three phases (layer pass,
+init, training). Everything is usable up to HEADROOM of the memory given.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+
+from gsq import acts, adapter
+from gsq.errors import InputError
+
+HEADROOM = 0.9  # usable fraction of each memory (allocator, CUDA context, fragmentation)
+IMBALANCE = 2  # routed tokens per expert per step: allowance over the mean (routers are uneven)
+MAX_GROUP = 16  # experts trained together at most when --experts-per-batch is 0 (auto)
+PASS_ALLOWANCE = 10  # bytes of a layer pass per token, in units of H x compute bytes
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise InputError(f"{flag} {text!r} is not a size (e.g. 80GB, 1.5TB, 512GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the plan is for: the model's dimensions and the machines (bytes; gpu None: a CPU run)."""
+    model: dict
+    ranks: int
+    ranks_per_host: int
+    gpu: int | None
+    host: int
+    d: int  # bytes per stored value (the model dtype)
+
+    @property
+    def cpu(self) -> bool:
+        return self.gpu is None
+
+    @property
+    def c(self) -> int:  # bytes per compute value: float32 on a CPU
+        return 4 if self.cpu else self.d
+
+    @property
+    def experts_per_rank(self) -> int:
+        return -(-self.model["experts"] // self.ranks)
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    placement: str  # where the layer inputs live
+    experts_per_batch: int
+    fits: bool
+    why: str  # when it does not fit: one line, naming what would make it fit
+    items: dict  # name -> (GPU bytes, host bytes, disk bytes), per rank
+    totals: dict  # "gpu" / "host": (needed, usable); host per host
+    steps: int  # GSQ steps per layer
+    groups: int  # groups of experts per rank and layer
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def dimensions(tcfg, model) -> dict:
+    """The model's figures that the plan needs, from its skeleton (meta device, no weights)."""
+    layers = list(model.model.layers)
+    moe = [layer for layer in layers if adapter.is_moe(layer)]
+    E, I2, H = moe[0].mlp.experts.gate_up_proj.shape
+    return dict(model_type=tcfg.model_type, layers=len(layers), moe_layers=len(moe), experts=E,
+                top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2,
+                layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                params=sum(p.numel() for p in model.parameters()))
+
+
+PHASES = ("layer pass", "GPTQ init", "GSQ training")
+
+
+def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
+    """Bytes per rank of every item: {name: (gpu, host, disk)}; on a CPU run the GPU column is 0."""
+    m, d, c = s.model, s.d, s.c
+    H, I, E, k, N = m["hidden"], m["inter"], m["experts"], m["top_k"], s.ranks
+    B, S = cfg.batch_size, cfg.seqlen
+    windows = acts.rank_windows(cfg.num_samples, 0, N)  # rank 0 holds the most
+    eval_windows = acts.rank_windows(cfg.eval_windows, 0, N) if cfg.eval_every else 0
+    inputs = (windows * S + eval_windows * cfg.eval_seqlen) * H * d
+    L = 4 if cfg.bits == 2 else 5
+    per_weight = 3 * L * 4 + 3 * d + 4 + 2 + (4 * L if s.cpu else 0)
+    expert = 3 * H * I
+    mean_tokens = B * S * k / E  # routed to one expert in one step, on average
+    tokens = math.ceil(B / N) * S * k * min(1.0, epb * N / E) * H * d + IMBALANCE * mean_tokens * epb * H * d
+    phases = {
+        "layer pass (one block of windows)": acts.BLOCK * max(S, cfg.eval_seqlen) * PASS_ALLOWANCE * H * c,
+        "GPTQ init (the group's Hessians and float32 weights, one workspace)":
+            epb * 4 * (H * H + I * I) + 4 * (3 * H * H + 2 * H * I) + epb * expert * 6 + tokens,
+        "GSQ training (the group's logits, Lion state, soft weights; a step's tokens)":
+            epb * expert * per_weight + tokens + IMBALANCE * mean_tokens * (16 * H + 8 * I),
+    }
+    layer = m["layer_params"] * c
+    items = {"one layer's weights": (0, 2 * layer, 0) if s.cpu else (layer, layer, 0)}
+    column = [0, 0, 0]
+    column[{"device": 1 if s.cpu else 0, "host": 1, "disk": 2}[placement]] = inputs
+    items[f"layer inputs: {windows} + {eval_windows} windows, on {placement}"] = tuple(column)
+    items["resume point (and, on disk, the next layer's inputs)"] = (0, 0, inputs)
+    for name, size in phases.items():
+        items[name] = (0, size, 0) if s.cpu else (size, 0, 0)
+    items["the layer's packed results"] = (0, 3 * H * I * E * (2 if cfg.bits == 2 else 4) / 8, 0)
+    return {name: tuple(int(v) for v in sizes) for name, sizes in items.items()}
+
+
+def totals(s: Setup, items: dict) -> dict:
+    """Peak GPU memory per rank and host memory per host, each with what is usable: the phases do not
+    overlap, everything else is held throughout."""
+    phases = [v for name, v in items.items() if name.startswith(PHASES)]
+    rest = [v for name, v in items.items() if not name.startswith(PHASES)]
+    peak = [sum(v[i] for v in rest) + max(v[i] for v in phases) for i in (0, 1)]
+    out = {"host": (peak[1] * s.ranks_per_host, int(HEADROOM * s.host))}
+    if not s.cpu:
+        out = {"gpu": (peak[0], int(HEADROOM * s.gpu)), **out}
+    return out
+
+
+def fits(s: Setup, cfg, epb: int, placement: str) -> bool:
+    return all(need <= usable for need, usable in totals(s, figures(s, cfg, epb, placement)).values())
+
+
+def choose(s: Setup, cfg):
+    """(experts per batch, placement) that fit, or None: the largest group first (fewer passes over the
+    inputs), then the nearest placement."""
+    placements = ["device", "host", "disk"] if cfg.activations == "auto" else [cfg.activations]
+    if s.cpu and cfg.activations == "auto":
+        placements = ["host", "disk"]
+    sizes = [min(cfg.experts_per_batch, s.experts_per_rank)] if cfg.experts_per_batch else \
+        range(min(MAX_GROUP, s.experts_per_rank), 0, -1)
+    return next(((epb, where) for epb in sizes for where in placements if fits(s, cfg, epb, where)), None)
+
+
+def plan(s: Setup, cfg) -> Plan:
+    """The plan for `cfg` (its --activations and --experts-per-batch, auto or given); when that cannot
+    fit, `why` names the setting that would."""
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * cfg.num_samples / cfg.batch_size)) if cfg.method == "gsq" else 0
+    best = choose(s, cfg)
+    epb, placement = best or smallest(s, cfg)
+    items = figures(s, cfg, epb, placement)
+    return Plan(s, placement, epb, best is not None, "" if best else refusal(s, cfg), items, totals(s, items),
+                steps, -(-s.experts_per_rank // epb))
+
+
+def smallest(s: Setup, cfg) -> tuple:
+    """The leanest setting within what the flags pin: shown when nothing fits."""
+    return (min(cfg.experts_per_batch or 1, s.experts_per_rank),
+            cfg.activations if cfg.activations != "auto" else "disk")
+
+
+def refusal(s: Setup, cfg) -> str:
+    """One line: what does not fit, and the first setting that would make it fit."""
+    tries = []
+    if cfg.activations != "auto" or cfg.experts_per_batch:
+        tries.append((s, replace(cfg, activations="auto", experts_per_batch=0)))
+    tries += [(replace(s, ranks=s.ranks * f), cfg) for f in (2, 4, 8, 16) if s.ranks * f <= s.model["experts"]]
+    n = cfg.num_samples // 2
+    while n >= max(1, cfg.batch_size):
+        tries.append((s, replace(cfg, num_samples=n)))
+        n //= 2
+    for setup, other in tries:
+        found = choose(setup, other)
+        if found:
+            flags = {"--ranks": setup.ranks != s.ranks and setup.ranks, "--num-samples":
+                     other.num_samples != cfg.num_samples and other.num_samples,
+                     "--activations": cfg.activations != "auto" and found[1],
+                     "--experts-per-batch": cfg.experts_per_batch and found[0]}
+            return f"{overflow(s, cfg)}; it fits with " + " ".join(f"{k} {v}" for k, v in flags.items() if v)
+    return f"{overflow(s, cfg)}, and no setting makes it fit ({'more host memory' if s.cpu else 'a GPU with more memory'} is needed)"
+
+
+def overflow(s: Setup, cfg) -> str:
+    epb, placement = smallest(s, cfg)
+    t = totals(s, figures(s, cfg, epb, placement))
+    where = "gpu" if "gpu" in t and t["gpu"][0] > t["gpu"][1] else "host"
+    need, usable = t[where]
+    given = "--gpu-memory" if where == "gpu" else "--host-memory"
+    return (f"does not fit: even with {epb} expert(s) per batch and the layer inputs on {placement} it needs "
+            f"{gb(need)} of {'GPU memory per rank' if where == 'gpu' else 'host memory'}, "
+            f"{gb(usable)} usable ({int(100 * HEADROOM)}% of {given} {gb(usable / HEADROOM)})")
+
+
+def machine(cfg, device_type: str) -> tuple:
+    """(GPU bytes or None for a CPU run, host bytes): the flags, else this machine's."""
+    gpu = parse_size(cfg.gpu_memory, "--gpu-memory") if cfg.gpu_memory else None
+    if gpu is None and device_type == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if cfg.host_memory:
+        host = parse_size(cfg.host_memory, "--host-memory")
+    else:
+        try:
+            meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            host = int(meminfo["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError):
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return gpu, host
+
+
+def describe(p: Plan, cfg) -> str:
+    s, m = p.setup, p.setup.model
+    lines = [f"memory plan: {m['model_type']}, {m['layers']} layers ({m['moe_layers']} MoE: {m['experts']} routed "
+             f"experts, top-{m['top_k']}, hidden {m['hidden']}, expert intermediate {m['inter']}), "
+             f"{m['params'] / 1e9:.1f}B parameters",
+             f"{s.ranks} rank(s), {s.ranks_per_host} per host; " +
+             (f"GPU memory {gb(s.gpu)} per rank" if s.gpu else "CPU run (the host is the device)") +
+             f", host memory {gb(s.host)}",
+             f"calibration: {cfg.num_samples} windows x {cfg.seqlen} tokens; GSQ {p.steps} steps per layer "
+             f"(minibatches of {cfg.batch_size} windows), {p.experts_per_batch} experts per batch, "
+             f"{p.groups} group(s) per rank and layer",
+             "", f"{'per rank':<78}{'GPU':>11}{'host':>11}{'disk':>11}"]
+    for name, sizes in p.items.items():
+        lines.append(f"  {name:<76}" + "".join(f"{gb(v) if v else '-':>11}" for v in sizes))
+    lines.append("")
+    for where, (need, usable) in p.totals.items():
+        per = f" per host ({s.ranks_per_host} ranks)" if where == "host" else " per rank"
+        lines.append(f"{'GPU' if where == 'gpu' else 'host'} peak{per}: {gb(need)} of {gb(usable)} usable")
+    lines.append(f"fits: layer inputs on {p.placement}, {p.experts_per_batch} experts per batch" if p.fits
+                 else p.why)
+    return "\n".join(lines)
+
+
+def check(p: Plan):
+    """Refuse a run that cannot fit, in one line, before any work."""
+    if not p.fits:
+        raise InputError(p.why)
+
+
+def dry_run(cfg):
+    """`--dry-run`: print the plan; exit 2 with one error line when it does not fit."""
+    from transformers import AutoConfig
+
+    from gsq import stream
+    from gsq.eval import check_model_dir
+
+    src = check_model_dir(cfg.model)
+    config = AutoConfig.from_pretrained(src)
+    tcfg = adapter.text_config(config)
+    model = stream.skeleton(tcfg)
+    adapter.check_quantizable(model, cfg.group_size)
+    ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cpu" if cfg.device == "cpu" else ("cuda" if cfg.gpu_memory or _has_cuda() else "cpu")
+    gpu, host = machine(cfg, device)
+    p = plan(Setup(dimensions(tcfg, model), ranks, min(ranks, 8), gpu, host, dtype_bytes(tcfg)), cfg)
+    print(p.to_json() if cfg.json else describe(p, cfg))
+    if not p.fits:
+        print(f"error: {p.why}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def dtype_bytes(tcfg) -> int:
+    import torch
+
+    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
+    return (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
