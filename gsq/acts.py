@@ -46,6 +46,7 @@ class Activations:
         self.blocks = blocks_of(n_windows, dist.rank(), dist.world())
         self.memory = {}  # device / host: block -> tensor
         self.src = self.dst = None  # disk: the directories read and written by the current layer
+        self.fresh = set()  # disk: blocks the current layer has written already (read back from dst)
 
     def windows(self, b: int) -> slice:
         return slice(b * BLOCK, min(self.n, (b + 1) * BLOCK))
@@ -60,7 +61,7 @@ class Activations:
             self.src = self.work / f"acts-{layer}"
             self.dst = self.work / f"acts-{layer + 1}.tmp"
             self.dst.mkdir(parents=True, exist_ok=True)
-            self.fresh = set()  # blocks already written by this layer (read back from dst)
+            self.fresh = set()
 
     def get(self, b: int, dtype=None) -> torch.Tensor:
         """Block b on the compute device, in `dtype` (default: the storage dtype)."""
@@ -85,7 +86,7 @@ class Activations:
             tmp.mkdir(parents=True, exist_ok=True)
             for b in self.blocks:
                 save_file({"h": self.memory[b].to("cpu").contiguous()}, tmp / self._file(b))
-        self.src, self.dst = self.work / f"acts-{layer}", None
+        self.src, self.dst, self.fresh = self.work / f"acts-{layer}", None, set()
 
     def load(self, layer: int):
         """Take up the resume point before `layer`."""

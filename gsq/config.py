@@ -128,6 +128,10 @@ def from_args(args: argparse.Namespace) -> Config:
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS.get(preset, {}), **given})
+    for name in ("num_samples", "seqlen", "batch_size", "gptq_samples", "experts_per_batch", "ranks", "eval_windows",
+                 "eval_seqlen"):
+        if getattr(cfg, name) < (0 if name in ("experts_per_batch", "ranks") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.container < cfg.bits:
         raise ValueError(f"--container {cfg.container} cannot hold {cfg.bits}-bit codes: use --container 4")
     return cfg

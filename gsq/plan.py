@@ -35,6 +35,7 @@ HEADROOM = 0.9  # usable fraction of each memory (allocator, CUDA context, fragm
 IMBALANCE = 2  # routed tokens per expert per step: allowance over the mean (routers are uneven)
 MAX_GROUP = 16  # experts trained together at most when --experts-per-batch is 0 (auto)
 PASS_ALLOWANCE = 10  # bytes of a layer pass per token, in units of H x compute bytes
+RUNTIME = 1_500_000_000  # host bytes per rank of Python, torch, CUDA libraries, tokenizer
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
           "TIB": 2**40}
 
@@ -47,7 +48,7 @@ def parse_size(text: str, flag: str) -> int:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def dimensions(tcfg, model) -> dict:
     return dict(model_type=tcfg.model_type, layers=len(layers), moe_layers=len(moe), experts=E,
                 top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2,
                 layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-                params=sum(p.numel() for p in model.parameters()))
+                params=sum(p.numel() for p in model.parameters()),
+                global_params=sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n))
 
 
 PHASES = ("layer pass", "GPTQ init", "GSQ training")
@@ -123,8 +125,10 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
         "GSQ training (the group's logits, Lion state, soft weights; a step's tokens)":
             epb * expert * per_weight + tokens + IMBALANCE * mean_tokens * (16 * H + 8 * I),
     }
-    layer = m["layer_params"] * c
-    items = {"one layer's weights": (0, 2 * layer, 0) if s.cpu else (layer, layer, 0)}
+    layer, outside = m["layer_params"] * c, m["global_params"] * c
+    items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
+             "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),
+             "one layer's weights (and its copy while loading)": (0, 2 * layer, 0) if s.cpu else (layer, layer, 0)}
     column = [0, 0, 0]
     column[{"device": 1 if s.cpu else 0, "host": 1, "disk": 2}[placement]] = inputs
     items[f"layer inputs: {windows} + {eval_windows} windows, on {placement}"] = tuple(column)

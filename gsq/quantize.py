@@ -1,8 +1,10 @@
 """`python -m gsq.quantize --model DIR --out DIR [...]`: GSQ 2-bit quantization of a MoE model's routed
 experts into a compressed-tensors `pack-quantized` checkpoint. Every flag is a field of gsq.config.Config;
-`--preset tiny` holds the settings for the bundled tiny model.
+`--preset tiny` holds the settings for the bundled tiny model. `--dry-run` prints the memory plan (from
+config.json alone) and writes nothing.
 """
 
+from gsq import plan
 from gsq.config import build_parser, from_args
 from gsq.errors import InputError, run_cli
 from gsq.pipeline import map_large_host_buffers, run
@@ -14,6 +16,8 @@ def main(argv=None):
         cfg = from_args(args)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if cfg.dry_run:
+        return plan.dry_run(cfg)
     map_large_host_buffers()  # a process-wide allocator setting: the entry point's decision
     run(cfg)
 

@@ -109,6 +109,9 @@ def dequant(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return scales.float().repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1) * codes.float()
 
 
+ROWS = 256  # an expert's tokens in a step are padded to a multiple of this
+
+
 def optimizer(model: ExpertCodes, cfg) -> Lion:
     return Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
                  {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
@@ -133,7 +136,9 @@ def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int,
     for e, x in enumerate(xs):
         if x.shape[0] == 0:
             continue
-        x = x.to(fp[0].device, dtype)
+        # zero rows up to a multiple of ROWS: a few shapes, not one per token count (oneDNN builds and keeps
+        # a kernel for every new bf16 shape on a CPU); a zero row's output and target are exactly 0
+        x = F.pad(x.to(fp[0].device, dtype), (0, 0, 0, -x.shape[0] % ROWS))
         with torch.no_grad():
             target = swiglu(x, *(w[e] for w in fp)).float()
         y = swiglu(x, *leaves[e]).float()
