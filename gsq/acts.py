@@ -51,9 +51,13 @@ class Activations:
     def windows(self, b: int) -> slice:
         return slice(b * BLOCK, min(self.n, (b + 1) * BLOCK))
 
+    def rows(self) -> list:
+        """Indices of the windows this rank holds."""
+        return [w for b in self.blocks for w in range(self.n)[self.windows(b)]]
+
     def resident_bytes(self) -> int:
         """Bytes of layer inputs this rank holds (in memory, or on disk for `disk`)."""
-        return rank_windows(self.n, dist.rank(), dist.world()) * self.shape[1] * self.shape[2] * self.dtype.itemsize
+        return len(self.rows()) * self.shape[1] * self.shape[2] * self.dtype.itemsize
 
     def begin(self, layer: int):
         """Layer `layer` starts: it reads the states at its input and writes those at its output."""

@@ -216,10 +216,12 @@ def run(cfg: Config) -> dict:
             if windows is not None:
                 print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
             save_state(work, 0, record)
-    resident = dist.gather({dist.rank(): sum(s.resident_bytes() for s in stores)})
+    held = dist.gather({dist.rank(): (len(calib.rows()), len(evals.rows()) if evals else 0,
+                                      sum(store.resident_bytes() for store in stores))})
     if writer:
-        print(f"memory plan: layer inputs on {placement}, {memory.experts_per_batch} experts per batch; "
-              + ", ".join(f"rank {r} holds {resident[r] / 2**20:.1f} MB of layer inputs" for r in sorted(resident)))
+        print(f"memory plan: layer inputs on {placement}, {memory.experts_per_batch} experts per batch; " + "; ".join(
+            f"rank {r} holds {c} of {calib.n} calibration windows and {e} perplexity-watch windows ({b / 2**20:.1f} MB)"
+            for r, (c, e, b) in sorted(held.items())))
 
     for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers, disable=not writer):
         t_layer = time.time()

@@ -97,9 +97,9 @@ def dimensions(tcfg, model) -> dict:
     E, I2, H = moe[0].mlp.experts.gate_up_proj.shape
     return dict(model_type=tcfg.model_type, layers=len(layers), moe_layers=len(moe), experts=E,
                 top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2,
-                layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-                params=sum(p.numel() for p in model.parameters()),
-                global_params=sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n))
+                layer_params=max(sum(t.numel() for t in layer.state_dict().values()) for layer in layers),
+                params=sum(t.numel() for t in model.state_dict().values()),
+                global_params=sum(t.numel() for n, t in model.state_dict().items() if ".layers." not in n))
 
 
 PHASES = ("layer pass", "GPTQ init", "GSQ training")

@@ -109,9 +109,15 @@ def faulty(kind, n, out):
                           capture_output=True, text=True)
 
 
-# Files written with FAST on the 7-layer model: layer i's shard is write 2i+1, the resume point after
-# it 2i+2, the rest (embeddings, lm_head) write 15.
-@pytest.mark.parametrize("n", [1, 6, 9, 15], ids=["layer-0-shard", "resume-point-2", "layer-4-shard", "rest"])
+# Files written with FAST on the 7-layer model: the resume point before layer 0 (4 blocks of calibration
+# windows, 1 of perplexity-watch windows) is writes 1-5; then per layer i its shard, write 6 + 6i, and the
+# resume point after it, writes 7 + 6i to 11 + 6i; the rest (embeddings, lm_head) write 48.
+def shard_write(i):
+    return 6 + 6 * i
+
+
+@pytest.mark.parametrize("n", [shard_write(0), shard_write(2) + 3, shard_write(4), 48],
+                         ids=["layer-0-shard", "resume-point-2", "layer-4-shard", "rest"])
 def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     out = tmp_path / "q"
     proc = faulty("kill", n, out)
@@ -124,7 +130,7 @@ def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / ".gsq-work").exists()
 
 
-@pytest.mark.parametrize("n", [5, 15], ids=["layer-2-shard", "rest"])
+@pytest.mark.parametrize("n", [shard_write(2), 48], ids=["layer-2-shard", "rest"])
 def test_disk_full_is_clear_and_resumable(n, quantized, tmp_path):
     out = tmp_path / "q"
     proc = faulty("full", n, out)

@@ -1,8 +1,10 @@
-"""Expert parallelism under torchrun (gloo on the CPU): the checkpoint is byte-identical to the
-single-process run's, and an interrupted parallel run resumes to the same bytes."""
+"""Data and expert parallelism under torchrun (gloo on the CPU): each rank holds half of the layer inputs,
+the checkpoint is byte-identical to the single-process run's, and an interrupted parallel run resumes to the
+same bytes."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,17 +44,23 @@ def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep") / "one"
     proc = run("--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return digest(out)
+    return {"digest": digest(out), "resident": resident(proc.stdout)}
+
+
+def resident(stdout: str) -> dict:
+    """{rank: calibration windows it holds}, from the run's memory-plan line."""
+    line = next(l for l in stdout.splitlines() if l.startswith("memory plan:"))
+    return {int(m[0]): int(m[1]) for m in re.findall(r"rank (\d+) holds (\d+) of 16 calibration windows", line)}
 
 
 def test_two_ranks_give_the_single_process_bytes(single, tmp_path):
     out = tmp_path / "two"
     proc = run("--out", str(out), ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "experts split over 2 ranks" in proc.stdout
+    assert single["resident"] == {0: 16} and resident(proc.stdout) == {0: 8, 1: 8}  # each rank holds half
     record = json.loads((out / "gsq_run.json").read_text())
     assert {l["ranks"] for l in record["layers"] if l["moe"]} == {2}
-    assert digest(out) == single
+    assert digest(out) == single["digest"]
 
 
 def test_parallel_run_resumes_after_kill(single, tmp_path):
@@ -64,7 +72,7 @@ def test_parallel_run_resumes_after_kill(single, tmp_path):
     resumed = run("--out", str(out), "--resume", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
-    assert digest(out) == single
+    assert digest(out) == single["digest"]
 
 
 def test_assignment_balances_tokens():

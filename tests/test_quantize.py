@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from conftest import FAST, ROOT, TINY_MODEL, digest, kill_after_layer, quantize
@@ -53,14 +54,15 @@ def test_transformers_loads_exactly_our_codes(quantized):
     assert checked == 36
 
 
-def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path):
+@pytest.mark.parametrize("activations", ["host", "disk"])
+def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path, activations):
     out = tmp_path / "tiny-w2"
     state = tmp_path / "tiny-w2.partial" / ".gsq-work" / "state.json"
-    kill_after_layer(quantize("--out", str(out), *FAST, wait=False), state, 3)
+    kill_after_layer(quantize("--out", str(out), *FAST, "--activations", activations, wait=False), state, 3)
     assert not out.exists()  # nothing that looks like a finished checkpoint
     again = quantize("--out", str(out), *FAST)
     assert again.returncode != 0 and "--resume" in again.stderr  # will not silently start over
-    resumed = quantize("--out", str(out), *FAST, "--resume")
+    resumed = quantize("--out", str(out), *FAST, "--activations", activations, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     assert digest(out) == digest(quantized)

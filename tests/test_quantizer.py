@@ -1,4 +1,5 @@
-"""The algorithm on synthetic experts: scale search, GPTQ vs RTN, GSQ vs its init, batching, schedules."""
+"""The algorithm on synthetic experts: scale search, GPTQ vs RTN, GSQ vs its init, batching, schedules,
+steps on minibatches where an expert may receive no token."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from gsq import gptq
 from gsq.config import Config
 from gsq.kernels import fake_quant
-from gsq.quantizer import ExpertCodes, Lion, cosine, dequant, init_logits, linear, optimize, relative_error, swiglu
+from gsq.quantizer import ExpertCodes, Lion, cosine, dequant, init_logits, linear, optimizer, relative_error, step, swiglu
 
 
 @pytest.fixture(autouse=True)
@@ -77,14 +78,27 @@ def experts_problem(E=3, H=128, inter=128, n=600, seed=0):
     return fp, xs, init
 
 
-def train(fp, xs, init, experts, cfg, steps=60):
+def minibatch(xs, e, t, skip=()):
+    """Expert e's tokens in step t: a varying slice of its inputs (none in the steps listed in `skip`)."""
+    if t in skip:
+        return xs[e][:0]
+    n = 200 + 37 * ((t * 7 + e) % 5)
+    start = (t * 131) % (xs[e].shape[0] - n)
+    return xs[e][start : start + n]
+
+
+def train(fp, xs, init, experts, cfg, steps=60, skip=None):
+    """GSQ on `experts` together, each seeing `minibatch` tokens; `skip[e]`: steps where e gets none."""
     codes = [torch.stack([init[e][p][0] for e in experts]) for p in range(3)]
     scales = [torch.stack([init[e][p][1] for e in experts]) for p in range(3)]
     module = ExpertCodes(codes, scales, gptq.grid_levels(2), cfg.init_sigma, cfg.init_alpha,
                          [100 + e for e in experts])
     weights = tuple(torch.stack([fp[e][p] for e in experts]) for p in range(3))
-    optimize(module, [xs[e] for e in experts], weights, steps, 256, cfg, [100 + e for e in experts], torch.float32)
-    return module.hard(torch.float32)
+    opt = optimizer(module, cfg)
+    for t in range(steps):
+        step(module, opt, [minibatch(xs, e, t, (skip or {}).get(e, ())) for e in experts], weights, t, steps, cfg,
+             [100 + e for e in experts], torch.float32)
+    return module, module.hard(torch.float32)
 
 
 CFG = Config(lr_logits=1e-3, lr_scales=1e-4, init_alpha=6.0)
@@ -92,7 +106,7 @@ CFG = Config(lr_logits=1e-3, lr_scales=1e-4, init_alpha=6.0)
 
 def test_gsq_beats_its_gptq_init():
     fp, xs, init = experts_problem()
-    hard = train(fp, xs, init, [0, 1, 2], CFG)
+    _, hard = train(fp, xs, init, [0, 1, 2], CFG)
     for e in range(3):
         x = xs[e][None]
         ref = tuple(w[None] for w in fp[e])
@@ -102,11 +116,13 @@ def test_gsq_beats_its_gptq_init():
 
 
 def test_batched_experts_equal_one_by_one():
-    # Lion is elementwise and experts share no state: a batch gives exactly the per-expert result.
+    # Lion is elementwise and experts share no state: a batch gives exactly the per-expert result, also
+    # when the experts receive different token counts and one of them none in some steps.
     fp, xs, init = experts_problem(E=2, n=300)
-    both = train(fp, xs, init, [0, 1], CFG, steps=15)
+    skip = {1: (2, 3, 9)}
+    _, both = train(fp, xs, init, [0, 1], CFG, steps=15, skip=skip)
     for e in (0, 1):
-        alone = train(fp, xs, init, [e], CFG, steps=15)  # same expert seed (100 + e) either way
+        _, alone = train(fp, xs, init, [e], CFG, steps=15, skip=skip)  # same expert seed (100 + e) either way
         for p in range(3):
             assert torch.equal(both[p][0][e], alone[p][0][0])
             assert torch.equal(both[p][1][e], alone[p][1][0])
@@ -120,9 +136,30 @@ def test_swiglu_matches_the_expert_formula():
     torch.testing.assert_close(swiglu(x[None], g[None], u[None], d[None])[0], want)
 
 
-def test_token_stream_with_zero_steps_is_empty():
-    from gsq.quantizer import token_stream
+def test_an_expert_without_tokens_does_not_move():
+    # the minibatch sent expert 1 nothing: its logits, scales and Lion momentum stay exactly as they were
+    fp, xs, init = experts_problem(E=2, n=300)
+    module, _ = train(fp, xs, init, [0, 1], CFG, steps=3)
+    before = [t.detach().clone() for t in [*module.logits, *module.scales]]
+    opt = optimizer(module, CFG)
+    for p in [*module.logits, *module.scales]:
+        opt.state[p]["m"] = torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
+    momentum = [opt.state[p]["m"].clone() for p in [*module.logits, *module.scales]]
+    weights = tuple(torch.stack([fp[e][p] for e in (0, 1)]) for p in range(3))
+    losses = step(module, opt, [minibatch(xs, 0, 5), xs[1][:0]], weights, 5, 10, CFG, [100, 101], torch.float32)
+    assert losses[1].isnan() and losses[0] > 0
+    after = [*module.logits, *module.scales]
+    for old, new, m, p in zip(before, after, momentum, after):
+        assert torch.equal(old[1], new.detach()[1]) and torch.equal(m[1], opt.state[p]["m"][1])  # expert 1
+        assert not torch.equal(old[0], new.detach()[0])  # expert 0 stepped
 
-    assert token_stream(5, 3, 0, torch.Generator().manual_seed(0)).shape == (0, 3)
-    stream = token_stream(5, 3, 4, torch.Generator().manual_seed(0))
-    assert stream.shape == (4, 3) and sorted(stream.flatten()[:5].tolist()) == list(range(5))  # epochs
+
+def test_minibatches_are_seeded_epochs_of_blocks():
+    from gsq.experts import minibatches
+
+    batches = minibatches(5, 2, 6, seed=1)
+    assert len(batches) == 6 and all(len(b) == 2 for b in batches)
+    flat = [b for batch in batches for b in batch]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))  # epochs
+    assert batches == minibatches(5, 2, 6, seed=1) and batches != minibatches(5, 2, 6, seed=2)
+    assert minibatches(5, 2, 0, seed=1) == []
