@@ -58,9 +58,12 @@ test:
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# Kernel vs eager timings (CUDA) and the expert-parallel benchmark (1 vs 2 CPU ranks, or GPU throughput at a Kimi-K2.5 shape); JSON under eval/results/
+# Kernel vs eager timings (CUDA), peak memory vs calibration windows (activations on disk and in host
+# memory), and the expert-parallel benchmark (1 vs 2 CPU ranks, or GSQ steps of one rank's share of a
+# Kimi-K2.5 layer on a GPU); JSON under eval/results/
 bench:
 	$(PY) eval/bench_kernels.py
+	$(PY) eval/bench_memory.py
 	$(PY) eval/bench_parallel.py $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),--gpu,)
 
 # Re-train the bundled tiny MoE (about 15 minutes on 2 CPU cores; deterministic).

@@ -1,11 +1,15 @@
-"""Benchmark: peak host memory of `gsq.quantize` does not grow with the number of layers.
+"""Benchmark: peak memory of `gsq.quantize` does not grow with the calibration set (or the layers).
 
-    python eval/bench_memory.py [--model models/tiny-deepseek-v3] [--out eval/results/bench-memory.json]
+    python eval/bench_memory.py [--model models/tiny-deepseek-v3] [--windows 128,512] [--out PATH]
+    python eval/bench_memory.py --layers            # the model vs a copy with twice the decoder layers
 
-Builds a copy of the model with twice the decoder layers (layers 1..L-1 repeated after the last),
-quantizes both with the same small budget in fresh processes, and prints each run's peak RSS
-(getrusage of the quantizing process) and their ratio. Streaming keeps about one layer plus the
-activations in memory, so the ratio should stay within 1.10.
+Runs `python -m gsq.quantize` in fresh processes, side by side, and samples each one's RssAnon (anonymous
+resident memory, /proc/PID/status, every 50 ms): pages of files the kernel can drop (the safetensors
+shards, activations written to disk) do not count. Windows mode: 128 vs 512 calibration windows of 256
+tokens, with the layer inputs on disk (`--activations disk`: memory bounded by a minibatch and a group
+of experts) and in host memory (they grow with windows x seqlen x hidden). Layers mode: the bundled model
+vs a copy with layers 1..L-1 appended again. Same small step budget everywhere (the memory does not
+depend on the step count).
 """
 
 import argparse
@@ -16,12 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-BUDGET = ["--preset", "tiny", "--num-samples", "64", "--seqlen", "256", "--min-steps", "20", "--epochs", "0",
-          "--eval-every", "0"]
+BUDGET = ["--preset", "tiny", "--seqlen", "256", "--min-steps", "50", "--epochs", "0"]
 
 
 def doubled(src: Path, dst: Path):
@@ -44,35 +49,63 @@ def doubled(src: Path, dst: Path):
     return 2 * n - 1
 
 
-def peak_rss(model: Path, out: Path) -> tuple:
+def peak_anon(model: Path, out: Path, args: list) -> dict:
+    """Run gsq.quantize; its peak RssAnon (MB, sampled), wall seconds and peak RSS (getrusage)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gsq.quantize", "--model", str(model), "--out", str(out), *BUDGET],
-                          capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(model), "--out", str(out), *BUDGET, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr))
+    reader.start()
+    peak, t0 = 0, time.time()
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(l.split()[1]) for l in f if l.startswith("RssAnon:")])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    reader.join()
     if proc.returncode:
-        sys.exit(proc.stderr[-2000:])
+        sys.exit("".join(err)[-2000:])
     record = json.loads((out / "gsq_run.json").read_text())
-    return record["peak_rss_mb"], record["seconds"]
+    return {"rss_anon_mb": round(peak / 1024, 1), "seconds": round(time.time() - t0, 1),
+            "peak_rss_mb": round(record["peak_rss_mb"], 1)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/tiny-deepseek-v3")
-    ap.add_argument("--out", default="eval/results/bench-memory.json")
+    ap.add_argument("--windows", default="128,512", help="calibration set sizes compared")
+    ap.add_argument("--layers", action="store_true", help="compare the model with twice its layers instead")
+    ap.add_argument("--out", help="JSON record (default eval/results/bench-memory[-layers].json)")
     args = ap.parse_args()
     src = Path(args.model)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-        layers2 = doubled(src, tmp / "doubled")
-        rss1, t1 = peak_rss(src, tmp / "q1")
-        rss2, t2 = peak_rss(tmp / "doubled", tmp / "q2")
-    print(f"{'model':<28}{'layers':>8}{'peak RSS MB':>14}{'seconds':>10}")
-    print(f"{'original':<28}{layers:>8}{rss1:>14.0f}{t1:>10.0f}")
-    print(f"{'twice the layers':<28}{layers2:>8}{rss2:>14.0f}{t2:>10.0f}")
-    print(f"peak RSS ratio (doubled / original): {rss2 / rss1:.3f} (target <= 1.10)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"budget": BUDGET, "layers": [layers, layers2], "peak_rss_mb": [rss1, rss2],
-                                          "seconds": [t1, t2], "ratio": rss2 / rss1}, indent=2) + "\n")
+        if args.layers:
+            layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+            twice = doubled(src, tmp / "doubled")
+            for name, model, n in (("original", src, layers), ("twice the layers", tmp / "doubled", twice)):
+                rows.append({"run": f"{name} ({n} layers)", **peak_anon(model, tmp / name, ["--num-samples", "64"])})
+        else:
+            for where in ("disk", "host"):
+                for n in args.windows.split(","):
+                    rows.append({"run": f"{n} windows, --activations {where}", "activations": where, "windows": int(n),
+                                 **peak_anon(src, tmp / f"{where}-{n}", ["--num-samples", n, "--activations", where])})
+                    print(f"{rows[-1]['run']}: peak RssAnon {rows[-1]['rss_anon_mb']:.0f} MB", flush=True)
+    print(f"\n{'run':<36}{'peak RssAnon MB':>16}{'peak RSS MB':>13}{'seconds':>9}")
+    for r in rows:
+        print(f"{r['run']:<36}{r['rss_anon_mb']:>16.0f}{r['peak_rss_mb']:>13.0f}{r['seconds']:>9.0f}")
+    ratios = {}
+    for k in range(0, len(rows), 2):
+        label = rows[k]["run"].split(", ")[-1] if not args.layers else "layers"
+        ratios[label] = round(rows[k + 1]["rss_anon_mb"] / rows[k]["rss_anon_mb"], 3)
+        print(f"peak RssAnon ratio ({rows[k + 1]['run']} / {rows[k]['run']}): {ratios[label]:.3f}")
+    path = Path(args.out or f"eval/results/bench-memory{'-layers' if args.layers else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"budget": BUDGET, "runs": rows, "ratios": ratios}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

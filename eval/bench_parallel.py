@@ -1,6 +1,6 @@
 """Benchmark: expert parallelism. The expert phase (init + GSQ + gather, summed over the MoE layers)
 of `gsq.quantize` on 1 rank and on N ranks (`torchrun`, gloo) on this machine, side by side; and, on
-a GPU, the GSQ optimisation throughput at a Kimi-K2.5 expert shape with the time it implies for
+a GPU, one rank's GSQ steps on its share of a Kimi-K2.5 MoE layer, with the time it implies for
 Kimi-K2.5 on 8 GPUs.
 
     python eval/bench_parallel.py [--ranks 2] [--model models/tiny-deepseek-v3] [--out PATH]
@@ -10,11 +10,12 @@ CPU runs: the model's preset (`--preset tiny` for the bundled model) with the pe
 One rank uses the default intra-op threads (all cores); torchrun gives each rank one thread. The
 single-process run with one thread is timed too, to separate threads from ranks.
 
-GPU: one batch of `--experts` experts at hidden 7168 x intermediate 2048 (Kimi-K2.5), `batch_tokens`
-and the other settings at gsq's defaults (the paper's), random weights and tokens; seconds per
-expert-step. Kimi-K2.5's GSQ time on 8 GPUs = 60 MoE layers x 384 experts x steps per expert (from
-the defaults: 4096 x 4096 calibration tokens, top-8 routing) x seconds per expert-step / 8. It leaves
-out the GPTQ init, the layer forwards and I/O.
+GPU: one rank of 8 at a Kimi-K2.5 MoE layer: 48 of its 384 experts (hidden 7168, intermediate 2048,
+top-8), random weights; each step is the paper's minibatch of 64 x 4096 tokens routed at random over the
+384 experts, of which this rank's experts train in groups of `--experts` (what the memory plan picks on
+an H200). Seconds per step of one group; a layer is steps (gsq's defaults: 10 epochs of 4096/64
+minibatches) x groups of them; Kimi-K2.5 on 8 GPUs = 60 MoE layers x that (the ranks work at once). It
+leaves out the GPTQ init, the layer passes, the token exchange and I/O.
 """
 
 import argparse
@@ -70,42 +71,50 @@ def gpu(args) -> dict:
     import torch
 
     from gsq.config import Config
-    from gsq.quantizer import ExpertCodes, optimize
+    from gsq.gptq import grid_levels
+    from gsq.quantizer import ExpertCodes, optimizer, step
 
     cfg = Config()
     device, dtype, E = args.device, torch.bfloat16, args.experts
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     H, I = (int(v) for v in args.shape.split("x"))
+    experts, per_rank, tokens = KIMI["experts"], KIMI["experts"] // 8, cfg.batch_size * cfg.seqlen
+    if not cuda:  # a check that the path runs, at a size a CPU does in seconds
+        tokens //= 256
     gen = torch.Generator(device=device).manual_seed(0)
     weights = tuple((0.02 * torch.randn(E, *shape, device=device, generator=gen)).to(dtype)
                     for shape in ((I, H), (I, H), (H, I)))
     codes = [torch.randint(-2, 2, w.shape, device=device, generator=gen, dtype=torch.int8) for w in weights]
     scales = [torch.full((E, w.shape[1], w.shape[2] // 128), 0.01, device=device) for w in weights]
-    xs = [torch.randn(4 * cfg.batch_tokens, H, device=device, generator=gen).to(dtype) for _ in range(E)]
-    from gsq.gptq import grid_levels
+    module = ExpertCodes(codes, scales, grid_levels(2).to(device), cfg.init_sigma, cfg.init_alpha, list(range(E)))
+    opt = optimizer(module, cfg)
 
-    def run(steps):
-        module = ExpertCodes(codes, scales, grid_levels(2).to(device), cfg.init_sigma, cfg.init_alpha,
-                             list(range(E)))
-        sync()
-        t0 = time.perf_counter()
-        optimize(module, xs, weights, steps, cfg.batch_tokens, cfg, list(range(E)), dtype)
-        sync()
-        return time.perf_counter() - t0
+    def minibatch(t):  # the tokens the router sends each of the group's experts: top-8 of 384 at random
+        counts = torch.bincount(torch.randint(0, experts, (tokens * KIMI["top_k"],),
+                                              generator=torch.Generator().manual_seed(t)), minlength=experts)
+        return [torch.randn(int(n), H, device=device, generator=gen).to(dtype) for n in counts[:E]]
 
-    run(2)  # warm-up: kernels compiled, allocator primed
-    per_expert_step = run(args.steps) / (args.steps * E)
-    tokens = cfg.num_samples * cfg.seqlen * KIMI["top_k"] / KIMI["experts"]
-    steps = max(cfg.min_steps, math.ceil(cfg.epochs * tokens / cfg.batch_tokens))
-    hours = KIMI["moe_layers"] * KIMI["experts"] * steps * per_expert_step / 8 / 3600
+    batches = [minibatch(t) for t in range(args.steps + 2)]
+    for t in range(2):  # warm-up: kernels compiled, allocator primed
+        step(module, opt, batches[t], weights, t, args.steps, cfg, list(range(E)), dtype)
+    sync()
+    t0 = time.perf_counter()
+    for t in range(2, args.steps + 2):
+        step(module, opt, batches[t], weights, t, args.steps + 2, cfg, list(range(E)), dtype)
+    sync()
+    per_step = (time.perf_counter() - t0) / args.steps
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * cfg.num_samples / cfg.batch_size))
+    groups = math.ceil(per_rank / E)
+    layer_s = steps * groups * per_step
+    hours = KIMI["moe_layers"] * layer_s / 3600
     name = torch.cuda.get_device_name() if cuda else "CPU (a check that the path runs, not a figure)"
-    print(f"{name}: {1 / per_expert_step:.1f} expert-steps/s at {H}x{I} "
-          f"({E} experts per batch, {cfg.batch_tokens} tokens each); Kimi-K2.5: {steps} steps per expert -> "
-          f"GSQ phase {hours:.1f} h on 8 such GPUs (the paper: 24 h on 8xH200, everything included)")
-    return {"device": name, "shape": args.shape, "experts_per_batch": E,
-            "batch_tokens": cfg.batch_tokens, "seconds_per_expert_step": per_expert_step,
-            "kimi_steps_per_expert": steps, "kimi_gsq_hours_8_gpus": round(hours, 2),
+    print(f"{name}: {per_step:.3f} s per step of {E} experts ({tokens} tokens x top-{KIMI['top_k']} per minibatch); "
+          f"a layer: {steps} steps x {groups} groups = {layer_s:.0f} s; Kimi-K2.5 GSQ on 8 such GPUs: {hours:.1f} h "
+          f"(the paper: 24 h on 8xH200, everything included)")
+    return {"device": name, "shape": args.shape, "experts_per_batch": E, "experts_per_rank": per_rank,
+            "tokens_per_minibatch": tokens, "seconds_per_step": per_step, "steps_per_layer": steps,
+            "groups": groups, "seconds_per_layer": round(layer_s, 1), "kimi_gsq_hours_8_gpus": round(hours, 2),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None}
 
 
