@@ -115,15 +115,18 @@ def commit(work: Path, layer: int, stores: list):
         s.save(layer)
     dist.barrier()
     if dist.is_writer():
-        final = work / f"acts-{layer}"
+        final, tmp = work / f"acts-{layer}", work / f"acts-{layer}.tmp"
         if final.exists():
             shutil.rmtree(final)
-        (work / f"acts-{layer}.tmp").rename(final)
+        tmp.mkdir(parents=True, exist_ok=True)  # (a rank may hold no block of a tiny set)
+        tmp.rename(final)
     dist.barrier()
 
 
-def drop_old(work: Path, keep: int):
-    """Remove resume points and unfinished ones other than `acts-<keep>` (rank 0, after state.json)."""
+def drop_old(work: Path, keep: int, unfinished: bool = False):
+    """Remove the resume points before `acts-<keep>` (rank 0, once state.json points at it); with
+    `unfinished`, also every later one (on resume: what an interrupted layer had begun to write)."""
     for d in work.glob("acts-*"):
-        if d.name != f"acts-{keep}":
+        n = int(d.name.split("-")[1].split(".")[0])
+        if n < keep or (unfinished and d.name != f"acts-{keep}"):
             shutil.rmtree(d, ignore_errors=True)

@@ -190,9 +190,9 @@ def run(cfg: Config) -> dict:
     if cfg.resume and (work / "state.json").exists():
         state = json.loads((work / "state.json").read_text())
         start, record = state["next_layer"], state["record"]
-        dist.barrier()
         if writer:
-            acts.drop_old(work, start)  # an unfinished layer's activations
+            acts.drop_old(work, start, unfinished=True)  # what an interrupted layer had begun to write
+        dist.barrier()
         for store in stores:
             store.load(start)
         if writer:
