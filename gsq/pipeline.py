@@ -28,28 +28,6 @@ from gsq.config import Config
 from gsq.errors import InputError
 from gsq.eval import check_model_dir, eval_windows, pick_device, summarize, window_sums, wikitext_rows
 
-CHUNK = 8  # windows per forward pass through a layer
-
-
-def chunks(model, hidden: torch.Tensor, device):
-    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with positions and
-    rotary embeddings: (slice, states, position_ids, position_embeddings)."""
-    pos = torch.arange(hidden.shape[1], device=device)[None]
-    compute = model.lm_head.weight.dtype  # the globals were loaded in the compute dtype
-    for i in range(0, hidden.shape[0], CHUNK):
-        h = hidden[i : i + CHUNK].to(device, compute)
-        yield slice(i, i + CHUNK), h, pos, model.model.rotary_emb(h, pos)
-
-
-@torch.no_grad()
-def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
-    """One decoder layer over all windows, chunk by chunk (outputs stored like the inputs)."""
-    out = torch.empty_like(hidden)
-    for rows, h, pos, pe in chunks(model, hidden, device):
-        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device, out.dtype)
-    return out
-
-
 def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
     keys = ckpt.layer_keys(arch, i)

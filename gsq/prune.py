@@ -29,7 +29,29 @@ from gsq import adapter, calib, export, stream
 from gsq.config import Config, build_parser, from_args
 from gsq.errors import InputError, run_cli
 from gsq.eval import check_model_dir, pick_device
-from gsq.pipeline import chunks, dtypes, forward, map_large_host_buffers, prepare_output, release_host_memory
+from gsq.pipeline import dtypes, map_large_host_buffers, prepare_output, release_host_memory
+
+CHUNK = 8  # windows per forward pass through a layer (prune keeps its calibration set in one tensor)
+
+
+def chunks(model, hidden: torch.Tensor, device):
+    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with positions and
+    rotary embeddings: (slice, states, position_ids, position_embeddings)."""
+    pos = torch.arange(hidden.shape[1], device=device)[None]
+    compute = model.lm_head.weight.dtype  # the globals were loaded in the compute dtype
+    for i in range(0, hidden.shape[0], CHUNK):
+        h = hidden[i : i + CHUNK].to(device, compute)
+        yield slice(i, i + CHUNK), h, pos, model.model.rotary_emb(h, pos)
+
+
+@torch.no_grad()
+def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
+    """One decoder layer over all windows, chunk by chunk (outputs stored like the inputs)."""
+    out = torch.empty_like(hidden)
+    for rows, h, pos, pe in chunks(model, hidden, device):
+        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device, out.dtype)
+    return out
+
 
 FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
          "device", "overwrite", "max_shard_bytes", "preset")
