@@ -8,7 +8,8 @@ Kimi-K2.5 on 8 GPUs.
 
 CPU runs: the model's preset (`--preset tiny` for the bundled model) with the perplexity watch off.
 One rank uses the default intra-op threads (all cores); torchrun gives each rank one thread. The
-single-process run with one thread is timed too, to separate threads from ranks.
+single-process run with one thread is timed too, to separate threads from ranks. Then what a GSQ step's
+router input costs: recomputing the layer's attention, or the stored post-attention residual (gsq's way).
 
 GPU: one rank of 8 at a Kimi-K2.5 MoE layer: 48 of its 384 experts (hidden 7168, intermediate 2048,
 top-8), random weights; each step is the paper's minibatch of 64 x 4096 tokens routed at random over the
@@ -56,6 +57,39 @@ def quantize_run(model: str, ranks: int, threads: int | None, work: Path) -> dic
     return row
 
 
+def step_inputs(model: str) -> dict:
+    """What a GSQ step's router input costs per block of windows: the attention recomputed from the layer's
+    input, or the norm of the stored post-attention residual (what gsq does); layer 1 of `model`, CPU."""
+    import torch
+    from transformers import AutoConfig
+
+    from gsq import adapter, stream
+    from gsq.acts import BLOCK
+    from gsq.pipeline import positions
+
+    config = AutoConfig.from_pretrained(model)
+    skeleton, ckpt, arch = stream.skeleton(adapter.text_config(config)), stream.Checkpoint(model), adapter.arch_of(config)
+    stream.load_globals(ckpt, skeleton, arch, "cpu", torch.float32)
+    layer = stream.load_layer(ckpt, skeleton, arch, 1, "cpu", torch.float32)
+    h = torch.randn(BLOCK, 256, skeleton.config.hidden_size)
+
+    def timed(f, n=50):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t0) / n
+
+    with torch.no_grad():
+        residual = adapter.attention_residual(layer, h, **positions(skeleton, h))
+        again = timed(lambda: adapter.route(layer, adapter.moe_input(
+            layer, adapter.attention_residual(layer, h, **positions(skeleton, h)))))
+        stored = timed(lambda: adapter.route(layer, adapter.moe_input(layer, residual)))
+    print(f"router input of one block ({BLOCK} x 256 tokens): attention recomputed {1e3 * again:.2f} ms, "
+          f"stored residual {1e3 * stored:.2f} ms ({again / stored:.1f}x)")
+    return {"recompute_attention_ms": round(1e3 * again, 3), "stored_residual_ms": round(1e3 * stored, 3)}
+
+
 def cpu(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [quantize_run(args.model, 1, None, Path(tmp)), quantize_run(args.model, 1, 1, Path(tmp)),
@@ -64,7 +98,8 @@ def cpu(args) -> dict:
     print(f"expert-phase speed-up, {args.ranks} ranks vs 1 rank (all threads): {base / rows[2]['expert_phase_s']:.2f}x; "
           f"vs 1 rank with 1 thread: {rows[1]['expert_phase_s'] / rows[2]['expert_phase_s']:.2f}x")
     return {"model": args.model, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "runs": rows, "speedup": round(base / rows[2]["expert_phase_s"], 2)}
+            "runs": rows, "speedup": round(base / rows[2]["expert_phase_s"], 2),
+            "step_inputs": step_inputs(args.model)}
 
 
 def gpu(args) -> dict:
