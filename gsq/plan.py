@@ -5,6 +5,8 @@
 Per rank, with H hidden, I expert intermediate, E routed experts, k per token, N ranks, B windows per step of
 S tokens, d bytes per stored value (the model dtype), c per compute value (the model dtype on a GPU,
 float32 on a CPU):
+- Python, torch and their libraries: RUNTIME bytes of host memory;
+- the embeddings, final norm and lm_head, in compute dtype, on the device;
 - one layer's weights, in compute dtype, on the device (and once more on the host while it is loaded);
 - the layer inputs: the rank's share of the windows x S x H x d (calibration + perplexity watch), on the
   device, on the host, or on disk (`--activations`);
@@ -16,9 +18,13 @@ float32 on a CPU):
 - one step's routed tokens: the rank's share of the minibatch sent (B/N x S x k slots of the active
   experts) and its experts' received, at IMBALANCE times the mean load, x H x d; and one expert at a time
   through the SwiGLU with autograd, IMBALANCE x B x S x k / E tokens x (16 H + 8 I) bytes;
-- GPTQ: the group's Hessians, 4 (H^2 + I^2) each, and one expert's workspace 4 (3 H^2 + 2 H I).
-The device holds the layer, the device-resident inputs and the largest of the three phases (layer pass,
-init, training). Everything is usable up to HEADROOM of the memory given.
+- GPTQ: the group's Hessians, 4 (H^2 + I^2) each, its float32 weights and codes (6 bytes per weight),
+  one expert's workspace 4 (3 H^2 + 2 H I), and one step's routed tokens;
+- the layer's results, packed (2 or 4 bits per weight), on the host;
+- on disk: the resume point, the rank's layer inputs (on disk, also the next layer's being written).
+The device holds all of that but the phases, and the largest of the three phases (layer pass, init,
+training), which never overlap; a host holds that for each of its ranks. Everything is usable up to
+HEADROOM of the memory given. Disk space is not checked.
 """
 
 import json
