@@ -83,3 +83,13 @@ def test_assignment_balances_tokens():
         loads = [sum(counts[e] for e in p) for p in parts]
         assert max(loads) - min(loads) <= max(counts)  # greedy largest-first bound
     assert dist.assign(counts, list(range(8)), 2) == [[0, 1, 3, 7], [2, 4, 5, 6]]  # loads 1550, 1500
+
+
+def test_groups_and_placement_do_not_change_the_bytes(single, tmp_path):
+    # experts trained 3 at a time (3 groups) with the layer inputs in files: the same checkpoint
+    out = tmp_path / "grouped"
+    proc = run("--out", str(out), "--experts-per-batch", "3", "--activations", "disk")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layer inputs on disk, 3 experts per batch" in proc.stdout
+    assert {l["groups"] for l in json.loads((out / "gsq_run.json").read_text())["layers"] if l["moe"]} == {3}
+    assert digest(out) == single["digest"]
