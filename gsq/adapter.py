@@ -83,21 +83,25 @@ def num_experts(layer) -> int:
 
 
 def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_routed: int) -> dict:
-    """Map a layer's on-disk tensors (full names) to the module's state dict (fused experts)."""
+    """Map a layer's on-disk tensors (full names) to the module's state dict (fused experts). The routed
+    experts are copied into the fused tensors one by one and dropped from `tensors` as they go, so the
+    layer is held about once, not three times."""
     prefix = f"{arch.layers_prefix}.{layer_idx}."
-    expert_keys = set()
     state = {}
     if num_routed:
-        gu, down = [], []
+        first = tensors[arch.expert_key(layer_idx, 0, 0) + ".weight"]
+        inter, hidden = first.shape
+        gate_up = torch.empty(num_routed, 2 * inter, hidden, dtype=first.dtype)
+        down = torch.empty(num_routed, hidden, inter, dtype=first.dtype)
         for e in range(num_routed):
             g, u, d = (arch.expert_key(layer_idx, e, p) + ".weight" for p in range(3))
-            expert_keys |= {g, u, d}
-            gu.append(torch.cat([tensors[g], tensors[u]]))
-            down.append(tensors[d])
-        state["mlp.experts.gate_up_proj"] = torch.stack(gu)
-        state["mlp.experts.down_proj"] = torch.stack(down)
+            gate_up[e, :inter].copy_(tensors.pop(g))
+            gate_up[e, inter:].copy_(tensors.pop(u))
+            down[e].copy_(tensors.pop(d))
+        state["mlp.experts.gate_up_proj"] = gate_up
+        state["mlp.experts.down_proj"] = down
     for key, value in tensors.items():
-        if key in expert_keys or not key.startswith(prefix):
+        if not key.startswith(prefix):
             continue
         name = key[len(prefix):]
         for disk, module in arch.rename:

@@ -132,6 +132,10 @@ def from_args(args: argparse.Namespace) -> Config:
                  "eval_seqlen"):
         if getattr(cfg, name) < (0 if name in ("experts_per_batch", "ranks") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_size % 4:
+        raise ValueError(f"--batch-size must be a multiple of 4 (windows are handled in blocks of 4), got {cfg.batch_size}")
+    if cfg.min_tokens < 1:
+        raise ValueError(f"--min-tokens must be at least 1, got {cfg.min_tokens}")
     if cfg.container < cfg.bits:
         raise ValueError(f"--container {cfg.container} cannot hold {cfg.bits}-bit codes: use --container 4")
     return cfg

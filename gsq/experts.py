@@ -53,27 +53,33 @@ def counts(layer, calib) -> list:
 def routed(layer, calib, batch: list, owner: dict) -> dict:
     """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
     delivered to their owners: {expert: x `[n, H]`} for this rank's experts. An expert's tokens come in
-    the canonical order (block's position in `batch`, then token), whichever rank computed them."""
-    E, dev = adapter.num_experts(layer), calib.device
+    the canonical order (block's position in `batch`, then token), whichever rank computed them. Ranks
+    send in rounds of one block each (memory: one block's tokens out, the step's tokens in)."""
+    E, dev, W = adapter.num_experts(layer), calib.device, dist.world()
+    H = layer.post_attention_layernorm.weight.shape[0]
     dest = torch.full((E,), -1, dtype=torch.int64, device=dev)
     dest[list(owner)] = torch.tensor(list(owner.values()), dtype=torch.int64, device=dev)
     per_block = BLOCK * calib.shape[1]
-    rows, meta = [], []
-    for pos, b in enumerate(batch):
-        if b % dist.world() != dist.rank():
-            continue
-        x = adapter.moe_input(layer, calib.get(b, compute_dtype(layer)))
-        _, idx = adapter.route(layer, x)
-        tok, slot = (dest[idx] >= 0).nonzero(as_tuple=True)
-        e = idx[tok, slot]
-        rows.append(x[tok].to(calib.dtype))
-        meta.append(torch.stack([dest[e], e, pos * per_block + tok], 1))
-    H = layer.post_attention_layernorm.weight.shape[0]
-    rows = torch.cat(rows) if rows else torch.empty(0, H, dtype=calib.dtype, device=dev)
-    meta = torch.cat(meta) if meta else torch.empty(0, 3, dtype=torch.int64, device=dev)
-    order = torch.argsort(meta[:, 0], stable=True)
-    sizes = torch.bincount(meta[:, 0], minlength=dist.world()).tolist()
-    rows, meta = dist.exchange(rows[order], meta[order, 1:], sizes)
+    held = [[pos for pos, b in enumerate(batch) if b % W == r] for r in range(W)]  # the same on every rank
+    got_rows, got_meta = [], []
+    for j in range(max(map(len, held))):
+        rows = torch.empty(0, H, dtype=calib.dtype, device=dev)
+        meta = torch.empty(0, 3, dtype=torch.int64, device=dev)
+        if j < len(held[dist.rank()]):
+            pos = held[dist.rank()][j]
+            x = adapter.moe_input(layer, calib.get(batch[pos], compute_dtype(layer)))
+            _, idx = adapter.route(layer, x)
+            tok, slot = (dest[idx] >= 0).nonzero(as_tuple=True)
+            e = idx[tok, slot]
+            order = torch.argsort(dest[e], stable=True)
+            tok, e = tok[order], e[order]
+            rows, meta = x[tok].to(calib.dtype), torch.stack([dest[e], e, pos * per_block + tok], 1)
+        sizes = torch.bincount(meta[:, 0], minlength=W).tolist()
+        rows, meta = dist.exchange(rows, meta[:, 1:], sizes)
+        got_rows.append(rows)
+        got_meta.append(meta)
+    rows, meta = torch.cat(got_rows), torch.cat(got_meta)
+    del got_rows
     order = torch.argsort(meta[:, 0] * (len(batch) * per_block) + meta[:, 1])
     rows, experts = rows[order], meta[order, 0]
     split = rows.split(torch.bincount(experts, minlength=E).tolist())

@@ -146,7 +146,7 @@ def run(cfg: Config) -> dict:
     gpu, host = plan.machine(cfg, device.type)
     setup = plan.Setup(plan.dimensions(tcfg, model), dist.world(),
                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpu, host, dtype.itemsize)
-    memory = plan.plan(setup, cfg)
+    memory = dist.on_writer(plan.plan, setup, cfg)  # rank 0's: every rank must group the experts alike
     plan.check(memory)  # a run that cannot fit is refused here, before any work
     ckpt = stream.Checkpoint(src)
     root = dist.on_writer(prepare_output, cfg, src)

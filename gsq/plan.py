@@ -7,17 +7,20 @@ S tokens, d bytes per stored value (the model dtype), c per compute value (the m
 float32 on a CPU):
 - Python, torch and their libraries: RUNTIME bytes of host memory;
 - the embeddings, final norm and lm_head, in compute dtype, on the device;
-- one layer's weights, in compute dtype, on the device (and once more on the host while it is loaded);
+- one layer's weights, in compute dtype, on the device (and twice on the host while it is loaded);
 - the layer inputs: the rank's share of the windows x S x H x d (calibration + perplexity watch), on the
   device, on the host, or on disk (`--activations`);
 - a layer pass over one block of windows: an allowance of 10 x H x c per token;
 - a group of `--experts-per-batch` experts in training: per weight 3 x L x 4 bytes (logits, their gradient,
-  Lion's momentum; L = 4 levels, 5 local shifts) + 3 x d (soft weight, its gradient, the target weight)
-  + 4 (a float32 copy for init and measurement) + 2 (RTN and init codes), and on a CPU 4 x L more (the
-  reference path keeps the probabilities);
-- one step's routed tokens: the rank's share of the minibatch sent (B/N x S x k slots of the active
-  experts) and its experts' received, at IMBALANCE times the mean load, x H x d; and one expert at a time
-  through the SwiGLU with autograd, IMBALANCE x B x S x k / E tokens x (16 H + 8 I) bytes;
+  Lion's momentum; L = 4 levels, 5 local shifts) + 4 x d (soft weight, its gradient twice, the target
+  weight) + 4 (a float32 copy for init and measurement) + 2 (RTN and init codes), and on a CPU 4 x L more
+  (the reference path keeps the probabilities);
+- one step's routed tokens, two copies each (as exchanged, sorted): one block's slots of the group's
+  experts sent per round (BLOCK x S x k x their share), and this rank's experts' received at IMBALANCE
+  times the mean load, x H x d; and one expert at a time through the SwiGLU with autograd,
+  IMBALANCE x B x S x k / E tokens x (16 H + 8 I) bytes;
+- the perplexity watch's copy of its windows; the layer's packed results (gathered through the GPU
+  under NCCL);
 - GPTQ: the group's Hessians, 4 (H^2 + I^2) each, its float32 weights and codes (6 bytes per weight),
   one expert's workspace 4 (3 H^2 + 2 H I), and one step's routed tokens;
 - the layer's results, packed (2 or 4 bits per weight), on the host;
@@ -120,10 +123,12 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     eval_windows = acts.rank_windows(cfg.eval_windows, 0, N) if cfg.eval_every else 0
     inputs = (windows * S + eval_windows * cfg.eval_seqlen) * H * d
     L = 4 if cfg.bits == 2 else 5
-    per_weight = 3 * L * 4 + 3 * d + 4 + 2 + (4 * L if s.cpu else 0)
+    per_weight = 3 * L * 4 + 4 * d + 4 + 2 + (4 * L if s.cpu else 0)
     expert = 3 * H * I
     mean_tokens = B * S * k / E  # routed to one expert in one step, on average
-    tokens = math.ceil(B / N) * S * k * min(1.0, epb * N / E) * H * d + IMBALANCE * mean_tokens * epb * H * d
+    # one block's token slots for the group's experts out (and its sorted copy), the step's tokens for
+    # this rank's experts in (and their sorted copy)
+    tokens = 2 * (acts.BLOCK * S * k * min(1.0, epb * N / E) + IMBALANCE * mean_tokens * epb) * H * d
     phases = {
         "layer pass (one block of windows)": acts.BLOCK * max(S, cfg.eval_seqlen) * PASS_ALLOWANCE * H * c,
         "GPTQ init (the group's Hessians and float32 weights, one workspace)":
@@ -134,14 +139,19 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     layer, outside = m["layer_params"] * c, m["global_params"] * c
     items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
              "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),
-             "one layer's weights (and its copy while loading)": (0, 2 * layer, 0) if s.cpu else (layer, layer, 0)}
+             "one layer's weights (and its copy while loading)": (0, 2 * layer, 0) if s.cpu else (layer, 2 * layer, 0)}
     column = [0, 0, 0]
     column[{"device": 1 if s.cpu else 0, "host": 1, "disk": 2}[placement]] = inputs
     items[f"layer inputs: {windows} + {eval_windows} windows, on {placement}"] = tuple(column)
     items["resume point (and, on disk, the next layer's inputs)"] = (0, 0, inputs)
+    scratch = eval_windows * cfg.eval_seqlen * H * d  # the perplexity watch runs the rest of the model on a copy
+    items["perplexity-watch copy of its windows"] = (scratch, 0, 0) if placement == "device" and not s.cpu \
+        else (0, scratch, 0)
     for name, size in phases.items():
         items[name] = (0, size, 0) if s.cpu else (size, 0, 0)
-    items["the layer's packed results"] = (0, 3 * H * I * E * (2 if cfg.bits == 2 else 4) / 8, 0)
+    results = 3 * H * I * E * (2 if cfg.bits == 2 else 4) / 8
+    # under NCCL the ranks' results are gathered through the GPU
+    items["the layer's packed results"] = (results if N > 1 and not s.cpu else 0, results, 0)
     return {name: tuple(int(v) for v in sizes) for name, sizes in items.items()}
 
 

@@ -51,15 +51,12 @@ class Lion(torch.optim.Optimizer):
                     continue
                 m = self.state[p].setdefault("m", torch.zeros_like(p, dtype=torch.float32))
                 g = p.grad.float()
-                update = torch.sign(beta1 * m + (1 - beta1) * g)
-                if active is None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=-group["lr"])
-                    m.mul_(beta2).add_(g, alpha=1 - beta2)
-                    continue
-                on = active.view(-1, *[1] * (p.dim() - 1)).to(p.device)
-                p.copy_(torch.where(on, p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update.to(p.dtype), p))
-                m.copy_(torch.where(on, m * beta2 + (1 - beta2) * g, m))
+                # in place, expert by expert: no full-size temporaries beyond one row's update
+                for r in [slice(None)] if active is None else active.nonzero().flatten().tolist():
+                    update = torch.sign(beta1 * m[r] + (1 - beta1) * g[r])
+                    p[r].mul_(1 - group["lr"] * group["weight_decay"])
+                    p[r].add_(update.to(p.dtype), alpha=-group["lr"])
+                    m[r].mul_(beta2).add_(g[r], alpha=1 - beta2)
 
 
 def swiglu(x, gate, up, down):
@@ -147,8 +144,10 @@ def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int,
         losses[e] = loss.detach()
     grads = [torch.stack([leaf[p].grad if leaf[p].grad is not None else torch.zeros_like(leaf[p]) for leaf in leaves])
              for p in range(3)]
+    del leaves
     opt.zero_grad(set_to_none=True)
     torch.autograd.backward(soft, grads)
+    del soft, grads
     opt.step(active=torch.tensor([x.shape[0] > 0 for x in xs]))
     return losses
 

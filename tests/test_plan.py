@@ -59,12 +59,14 @@ def test_kimi_on_8_h200(kimi):
     inputs = (512 * 4096 + 16 * 2048) * H * 2  # 4096 / 8 windows + 128 / 8 perplexity-watch windows
     assert by_name(items, "layer inputs") == [inputs, 0, 0]
     mean = 64 * 4096 * k / E  # tokens per expert per step
-    tokens = 8 * 4096 * k * (16 * 8 / E) * H * 2 + 2 * mean * 16 * H * 2  # sent, received
-    training = 16 * 3 * H * I * (3 * 4 * 4 + 3 * 2 + 4 + 2) + tokens + 2 * mean * (16 * H + 8 * I)
+    tokens = 2 * (4 * 4096 * k * (16 * 8 / E) + 2 * mean * 16) * H * 2  # one block sent, the step received
+    training = 16 * 3 * H * I * (3 * 4 * 4 + 4 * 2 + 4 + 2) + tokens + 2 * mean * (16 * H + 8 * I)
     assert by_name(items, "GSQ training")[0] == int(training)
     globals_ = 2 * (2 * 163840 * H + H)  # embeddings, lm_head, final norm
+    scratch = 16 * 2048 * H * 2  # the perplexity watch's copy of its windows
+    results = 3 * H * I * E * 2 // 8  # packed 2-bit codes, gathered through the GPU
     gpu_need, gpu_usable = plan["totals"]["gpu"]
-    assert gpu_need == 2 * moe_layer + inputs + int(training) + globals_
+    assert gpu_need == 2 * moe_layer + inputs + int(training) + globals_ + scratch + results
     assert gpu_usable == int(0.9 * 141e9) and gpu_need <= gpu_usable
 
 
