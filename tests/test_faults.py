@@ -82,6 +82,7 @@ BAD_FLAGS = {
     "group size not a power of two": (["--group-size", "96"], ["power of two"]),
     "bits out of range": (["--bits", "5"], ["--bits", "invalid choice"]),
     "container too small": (["--bits", "3"], ["--container 4"]),
+    "batch not whole blocks": (["--batch-size", "6"], ["--batch-size must be a multiple of 4"]),
     "unknown flag": (["--bitz", "2"], ["unrecognized arguments"]),
 }
 
