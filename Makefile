@@ -7,8 +7,12 @@ MODEL ?= models/tiny-deepseek-v3
 OUT ?= out/$(notdir $(MODEL))-gsq-w2
 SEQLEN ?= 256
 TINY := models/tiny-deepseek-v3
-# The bundled model gets the scaled-down preset; any other MODEL the paper's settings. Extra flags: ARGS=...
-PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny,)
+# The bundled model gets the scaled-down preset, calibrated on the local WikiText-2 valid split where
+# $(DATA) exists (else the Hub's train split); any other MODEL the paper's settings. The perplexity watch
+# reads the local test split where $(DATA) exists (else the Hub's). Extra flags: ARGS=...
+CALIB_DATA := $(if $(wildcard $(DATA)),--dataset $(DATA)/wikitext-2/wiki.valid.tokens,)
+EVAL_DATA := $(if $(wildcard $(DATA)),--eval-data $(DATA)/wikitext-2-raw/wiki.test.raw,)
+PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny $(CALIB_DATA),)
 ARGS ?=
 LLMCOMPRESSOR ?=
 NPROC ?=
@@ -27,7 +31,7 @@ install:
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
 # NPROC=N: N processes under torchrun, the experts of each layer split across them.
 quantize:
-	$(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC),$(PY)) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(ARGS)
+	$(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC),$(PY)) -m gsq.quantize --model $(MODEL) --out $(OUT) $(PRESET) $(EVAL_DATA) $(ARGS)
 
 # REAP expert pruning: keep the KEEP most salient routed experts of each MoE layer, into PRUNED.
 prune:
@@ -35,7 +39,7 @@ prune:
 
 # Prune, then GSQ 2-bit quantize the pruned model: PRUNED, then PRUNED-gsq-w2.
 compress: prune
-	$(PY) -m gsq.quantize --model $(PRUNED) --out $(PRUNED)-gsq-w2 $(PRESET) $(ARGS)
+	$(PY) -m gsq.quantize --model $(PRUNED) --out $(PRUNED)-gsq-w2 $(PRESET) $(EVAL_DATA) $(ARGS)
 
 # WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
 eval:

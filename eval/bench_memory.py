@@ -24,9 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from local_data import tiny_flags
 from safetensors.torch import load_file, save_file
 
-BUDGET = ["--preset", "tiny", "--seqlen", "256", "--min-steps", "50", "--epochs", "0"]
+BUDGET = ["--seqlen", "256", "--min-steps", "50", "--epochs", "0"]
 
 
 def doubled(src: Path, dst: Path):
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--out", help="JSON record (default eval/results/bench-memory[-layers].json)")
     args = ap.parse_args()
     src = Path(args.model)
+    flags = tiny_flags(src)  # the bundled model's (and its doubled copy's) preset and data
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -88,12 +90,12 @@ def main():
             layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
             twice = doubled(src, tmp / "doubled")
             for name, model, n in (("original", src, layers), ("twice the layers", tmp / "doubled", twice)):
-                rows.append({"run": f"{name} ({n} layers)", **peak_anon(model, tmp / name, ["--num-samples", "64"])})
+                rows.append({"run": f"{name} ({n} layers)", **peak_anon(model, tmp / name, [*flags, "--num-samples", "64"])})
         else:
             for where in ("disk", "host"):
                 for n in args.windows.split(","):
                     rows.append({"run": f"{n} windows, --activations {where}", "activations": where, "windows": int(n),
-                                 **peak_anon(src, tmp / f"{where}-{n}", ["--num-samples", n, "--activations", where])})
+                                 **peak_anon(src, tmp / f"{where}-{n}", [*flags, "--num-samples", n, "--activations", where])})
                     print(f"{rows[-1]['run']}: peak RssAnon {rows[-1]['rss_anon_mb']:.0f} MB", flush=True)
     print(f"\n{'run':<36}{'peak RssAnon MB':>16}{'peak RSS MB':>13}{'seconds':>9}")
     for r in rows:

@@ -31,8 +31,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = (ROOT / "models" / "tiny-deepseek-v3").resolve()
+from local_data import ROOT, TINY, tiny_flags
 KIMI = dict(hidden=7168, inter=2048, experts=384, moe_layers=60, top_k=8)
 
 
@@ -41,8 +40,7 @@ def quantize_run(model: str, ranks: int, threads: int | None, work: Path) -> dic
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc-per-node={ranks}"]
     cmd = [*launcher, "-m", "gsq.quantize", "--model", model, "--out", str(out), "--overwrite", "--eval-every", "0"]
-    if Path(model).resolve() == TINY:
-        cmd += ["--preset", "tiny"]
+    cmd += tiny_flags(model)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -24,17 +24,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = (ROOT / "models" / "tiny-deepseek-v3").resolve()
+from local_data import CALIBRATION, ROOT, TINY, WIKI_TEST, tiny_flags
 DEFAULT_RUNS = ["gsq=--method gsq", "gptq=--method gptq", "rtn=--method rtn"]
 
 
 def run_one(name: str, extra: str, args) -> dict:
     out = Path(args.work) / name
     quantize = [sys.executable, "-m", "gsq.quantize", "--model", args.model, "--out", str(out), "--overwrite"]
-    if Path(args.model).resolve() == TINY:
-        quantize += ["--preset", "tiny"]
-    quantize += shlex.split(extra)
+    quantize += tiny_flags(args.model) + shlex.split(extra)
     seconds = timed(quantize, args.quiet)
     record = json.loads((out / "gsq_run.json").read_text())
     layers = [{k: l[k] for k in ("layer", "steps", "err_rtn", "err_init", "err_gsq", "err_per_expert", "seconds")}
@@ -49,7 +46,7 @@ def run_llmcompressor(python: str, args) -> dict:
     out = Path(args.work) / "llmcompressor-gptq"
     cmd = [python, str(ROOT / "eval" / "llmcompressor_gptq.py"), "--model", args.model, "--out", str(out)]
     if Path(args.model).resolve() == TINY:
-        cmd += ["--preset", "tiny"]
+        cmd += ["--preset", "tiny", "--dataset", str(CALIBRATION)]
     seconds = timed(cmd, args.quiet)
     version = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
                              capture_output=True, text=True).stdout.strip()
@@ -130,7 +127,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
     ap.add_argument("--run", action="append", help="NAME=QUANTIZE_ARGS (repeatable; default: gsq, gptq, rtn)")
-    ap.add_argument("--data-file", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--data-file", default=str(WIKI_TEST))
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--work", default="out/compare", help="where the checkpoints are written")

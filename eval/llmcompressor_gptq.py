@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="", help="gsq preset whose calibration settings are used")
+    ap.add_argument("--dataset", help="calibration data, as gsq's --dataset (default: gsq's default)")
     args = ap.parse_args()
 
     import datasets
@@ -43,7 +44,7 @@ def main():
 
     cfg = dataclasses.replace(Config(), **PRESETS.get(args.preset, {}))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids, note = calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
+    ids, note = calibration_ids(tokenizer, args.dataset or cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
     print(f"calibration: {note}")
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model_type = AutoConfig.from_pretrained(args.model).model_type

@@ -16,8 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = (ROOT / "models" / "tiny-deepseek-v3").resolve()
+from local_data import ROOT, TINY, WIKI_TEST, tiny_flags
 
 
 def sh(module: str, *args) -> float:
@@ -40,13 +39,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
     ap.add_argument("--keep", type=int, default=4, help="routed experts kept per layer")
-    ap.add_argument("--data-file", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--data-file", default=str(WIKI_TEST))
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--work", default="out/prune-compare")
     ap.add_argument("--record", help="JSON record (default eval/results/<model>-prune-<date>.json)")
     args = ap.parse_args()
-    preset = ["--preset", "tiny"] if Path(args.model).resolve() == TINY else []
+    preset = tiny_flags(args.model, watch=False)
     work = Path(args.work)
     rows = {"original": {**evaluate(args.model, args), "seconds": 0.0}}
     for criterion in ("reap", "frequency", "random"):
@@ -57,7 +56,7 @@ def main():
         print(f"{criterion}: {rows[f'prune {criterion} (keep {args.keep})']}", flush=True)
     for name, src in (("GSQ 2-bit", args.model), (f"REAP keep {args.keep} + GSQ 2-bit", str(work / f"reap{args.keep}"))):
         out = str(work / (Path(src).name + "-gsq-w2"))
-        seconds = sh("gsq.quantize", "--model", src, "--out", out, "--overwrite", *preset)
+        seconds = sh("gsq.quantize", "--model", src, "--out", out, "--overwrite", *tiny_flags(args.model))
         rows[name] = {**evaluate(out, args), "seconds": seconds}
         print(f"{name}: {rows[name]}", flush=True)
     lines = ["| model | KL to original | top-1 agreement | perplexity | time |", "|---|---:|---:|---:|---:|"]

@@ -94,9 +94,10 @@ RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations",
 PRESETS = {
     # The bundled tiny model on 2 CPU cores: 256 x 256 calibration tokens (~16k per expert; a step's 16
     # windows route ~1k to each), 32 held-out windows of 256 tokens; learning rates scaled for 200-step runs.
-    "tiny": dict(dataset="../shared/data/wikitext-2/wiki.valid.tokens", num_samples=256, seqlen=256,
-                 batch_size=16, epochs=10.0, min_steps=200, lr_logits=1e-3, lr_scales=1e-4,
-                 eval_data="../shared/data/wikitext-2-raw/wiki.test.raw", eval_windows=32, eval_seqlen=256),
+    # Data paths are not settings of a preset: they come from --dataset / --eval-data (the Makefile passes
+    # the local copies where it has them).
+    "tiny": dict(num_samples=256, seqlen=256, batch_size=16, epochs=10.0, min_steps=200, lr_logits=1e-3,
+                 lr_scales=1e-4, eval_windows=32, eval_seqlen=256),
 }
 
 

@@ -27,7 +27,7 @@ from gsq.errors import ArgumentParser, InputError, run_cli
 WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
 
 
-def wikitext_rows(data_file: str | None = None) -> list[str]:
+def wikitext_rows(data_file: str | None = None, flag: str = "--data-file") -> list[str]:
     """The WikiText-2 raw test split as the Hub's `text` rows, from the Hub or a local release file.
 
     A local file maps line by line: a blank (whitespace-only) line is the row "", any other line is
@@ -40,7 +40,7 @@ def wikitext_rows(data_file: str | None = None) -> list[str]:
             return list(datasets.load_dataset(*WIKITEXT_HUB[:2], split=WIKITEXT_HUB[2])["text"])
         except Exception as exc:  # offline, hub down, dataset renamed
             raise InputError(f"could not load {'/'.join(WIKITEXT_HUB)} from the Hub ({type(exc).__name__}); "
-                             "pass --data-file PATH to a local wiki.test.raw") from exc
+                             f"pass {flag} PATH to a local wiki.test.raw") from exc
     path = Path(data_file)
     if not path.is_file():
         raise InputError(f"data file not found: {data_file}")

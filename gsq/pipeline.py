@@ -155,7 +155,7 @@ def run(cfg: Config) -> dict:
     stream.load_globals(ckpt, model, arch, device, compute)
     windows = None
     if cfg.eval_every:
-        windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None), cfg.eval_seqlen, cfg.eval_windows)
+        windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None, "--eval-data"), cfg.eval_seqlen, cfg.eval_windows)
     n_layers, hidden_size = len(model.model.layers), tcfg.hidden_size
     placement = memory.placement if device.type == "cuda" or memory.placement == "disk" else "host"
     calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden_size), placement, device, dtype, work)

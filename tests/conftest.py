@@ -38,9 +38,13 @@ def wiki_rows():
     return wikitext_rows(str(WIKI_TEST))
 
 
+# The local data a gsq run of the tiny model reads (the package itself knows no workspace paths).
+CALIB_DATA = ["--dataset", str(DATA / "wikitext-2" / "wiki.valid.tokens")]
+TINY_DATA = [*CALIB_DATA, "--eval-data", str(WIKI_TEST)]
+
 # Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers; the perplexity
 # watch on 4 windows of 128 tokens.
-FAST = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
+FAST = [*TINY_DATA, "--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
         "--batch-size", "4", "--scale-grid", "20", "--eval-windows", "4", "--eval-seqlen", "128"]
 
 

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from conftest import FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize
+from conftest import CALIB_DATA, FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize
 
 from gsq import adapter, prune, stream
 from gsq.errors import InputError
 
-CALIB = ["--preset", "tiny", "--num-samples", "16", "--seqlen", "128"]
+CALIB = [*CALIB_DATA, "--preset", "tiny", "--num-samples", "16", "--seqlen", "128"]
 
 
 def run_prune(*args, model=TINY_MODEL):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_MODEL, WIKI_TEST, quantize
+from conftest import ROOT, TINY_DATA, TINY_MODEL, WIKI_TEST, quantize
 
 BASELINE = json.loads((ROOT / "eval" / "baseline.json").read_text())
 
@@ -31,7 +31,7 @@ def measured(tmp_path_factory):
     extra = {"gsq": shlex.split(os.environ.get("GSQ_CI_EXTRA", "")), "gptq": ["--method", "gptq"]}
     result = {}
     for method, args in extra.items():
-        proc = quantize("--out", str(root / method), *BASELINE["budget"], *args)
+        proc = quantize("--out", str(root / method), *TINY_DATA, *BASELINE["budget"], *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result[method] = evaluate(root / method)
     return result
