@@ -129,14 +129,12 @@ def from_args(args: argparse.Namespace) -> Config:
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS.get(preset, {}), **given})
-    for name in ("num_samples", "seqlen", "batch_size", "gptq_samples", "experts_per_batch", "ranks", "eval_windows",
-                 "eval_seqlen"):
-        if getattr(cfg, name) < (0 if name in ("experts_per_batch", "ranks") else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name, least in (("num_samples", 1), ("seqlen", 1), ("batch_size", 1), ("gptq_samples", 1), ("min_tokens", 1),
+                        ("eval_windows", 1), ("eval_seqlen", 1), ("experts_per_batch", 0), ("ranks", 0)):
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
     if cfg.batch_size % 4:
         raise ValueError(f"--batch-size must be a multiple of 4 (windows are handled in blocks of 4), got {cfg.batch_size}")
-    if cfg.min_tokens < 1:
-        raise ValueError(f"--min-tokens must be at least 1, got {cfg.min_tokens}")
     if cfg.container < cfg.bits:
         raise ValueError(f"--container {cfg.container} cannot hold {cfg.bits}-bit codes: use --container 4")
     return cfg

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from gsq import adapter, dist, gptq
 from gsq.acts import BLOCK
 from gsq.kernels.pack import pack, unpack
-from gsq.quantizer import ExpertCodes, dequant, optimizer, relative_error, step, swiglu
+from gsq.quantizer import ExpertCodes, dequant, optimizer, output_errors, step
 
 MEASURE = 64  # windows whose tokens measure each expert's error
 
@@ -165,12 +165,8 @@ def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
     first = list(range(-(-min(MEASURE, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
         for e, x in routed(layer, calib, batch, owner).items():
-            x = x.float()
-            target = swiglu(x, *fp[e])
-            for k, q in enumerate(results[e]):
-                y = swiglu(x, *(dequant(c, s).to(x.device) for c, s in q))
-                sums[e][k] += ((y - target) ** 2).sum().item()
-            sums[e][-1] += (target**2).sum().item()
+            errs, ref = output_errors(x.float(), fp[e], [[dequant(c, s).to(x.device) for c, s in q] for q in results[e]])
+            sums[e] += torch.tensor([*errs, ref], dtype=torch.float64)
     return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}
 
 

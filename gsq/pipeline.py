@@ -98,8 +98,7 @@ def dtypes(tcfg, device):
     go through oneDNN, which keeps state for every new shape (MoE token counts make every shape new) and
     grows the process layer by layer; float32 is also no slower there. GSQ's own steps stay in the model
     dtype, and activations are stored in it."""
-    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = stream.model_dtype(tcfg)
     return dtype, torch.float32 if device.type == "cpu" else dtype
 
 
@@ -157,7 +156,7 @@ def run(cfg: Config) -> dict:
     if cfg.eval_every:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None, "--eval-data"), cfg.eval_seqlen, cfg.eval_windows)
     n_layers, hidden_size = len(model.model.layers), tcfg.hidden_size
-    placement = memory.placement if device.type == "cuda" or memory.placement == "disk" else "host"
+    placement = memory.placement  # on a CPU, "device" is host memory
     calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden_size), placement, device, dtype, work)
     stores = [calib]
     evals = None

@@ -293,7 +293,7 @@ def dry_run(cfg):
     ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))
     device = "cpu" if cfg.device == "cpu" else ("cuda" if cfg.gpu_memory or _has_cuda() else "cpu")
     gpu, host = machine(cfg, device)
-    p = plan(Setup(dimensions(tcfg, model), ranks, min(ranks, 8), gpu, host, dtype_bytes(tcfg)), cfg)
+    p = plan(Setup(dimensions(tcfg, model), ranks, min(ranks, 8), gpu, host, stream.model_dtype(tcfg).itemsize), cfg)
     print(p.to_json() if cfg.json else describe(p, cfg))
     if not p.fits:
         print(f"error: {p.why}", file=sys.stderr)
@@ -305,9 +305,3 @@ def _has_cuda() -> bool:
 
     return torch.cuda.is_available()
 
-
-def dtype_bytes(tcfg) -> int:
-    import torch
-
-    dtype = getattr(tcfg, "dtype", None) or torch.bfloat16
-    return (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize

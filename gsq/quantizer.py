@@ -153,7 +153,14 @@ def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int,
 
 
 @torch.no_grad()
+def output_errors(x: torch.Tensor, fp: tuple, qs: list) -> tuple:
+    """Summed squared output error of the experts with weights q (each of `qs`) against fp on tokens x,
+    and the summed squared target: the terms of the relative output MSE, to add up over minibatches."""
+    target = swiglu(x, *fp).float()
+    return [((swiglu(x, *q).float() - target) ** 2).sum().item() for q in qs], (target**2).sum().item()
+
+
 def relative_error(x: torch.Tensor, fp: tuple, q: tuple) -> float:
     """Relative output MSE of experts with weights q against fp on tokens x `[E, T, H]`."""
-    target = swiglu(x, *fp).float()
-    return (((swiglu(x, *q).float() - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)).item()
+    (err,), ref = output_errors(x, fp, [q])
+    return err / max(ref, 1e-12)

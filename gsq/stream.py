@@ -126,6 +126,12 @@ def compressed_modules(root: Path, where: dict) -> dict:
     return modules
 
 
+def model_dtype(config) -> torch.dtype:
+    """The dtype the model's weights are stored and trained in (config `dtype`, default bf16)."""
+    dtype = getattr(config, "dtype", None) or torch.bfloat16
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def skeleton(config):
     """The causal LM of `config` on the meta device: module structure only, no memory."""
     from transformers import AutoModelForCausalLM
