@@ -7,6 +7,7 @@ All supported architectures share transformers' MoE interface: `layer.mlp.gate(x
 tensor per expert and projection.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,20 +22,60 @@ class Arch:
     rename: tuple = ()  # (on-disk fragment, module fragment) pairs for the rest of the layer
     text_config: bool = False  # the causal LM is config.text_config (multimodal wrappers)
     router: str = "mlp.gate"  # on-disk name of the router, relative to the layer (rows: experts)
+    expert_rows: tuple = ()  # other on-disk tensors of the layer with one row per routed expert
     n_experts_key: str = "n_routed_experts"  # the config field holding the number of routed experts
+    concat: tuple = ()  # (module tensor, on-disk tensors joined along dim 0) pairs, relative to the layer
+    # vLLM's names for the experts (gate, up, down) when its MoE layer looks them up under other names than
+    # the checkpoint's: its compressed-tensors scheme lookup probes f"{moe prefix}.experts.0.{name}"
+    vllm_experts: tuple = ()
 
     def expert_key(self, layer: int, expert: int, proj: int) -> str:
         return f"{self.layers_prefix}.{layer}.{self.expert_names[proj].format(e=expert)}"
 
+    def expert_layer(self, module: str):
+        """The layer index of a routed expert projection's module name, else None."""
+        names = "|".join(re.escape(n).replace(r"\{e\}", r"\d+") for n in self.expert_names)
+        m = re.fullmatch(rf"{re.escape(self.layers_prefix)}\.(\d+)\.(?:{names})", module)
+        return int(m.group(1)) if m else None
+
+    def vllm_names(self, module: str) -> list:
+        """The names vLLM's loader probes for the scheme of the expert projection `module` (a checkpoint name)."""
+        if not self.vllm_experts:
+            return []
+        layer = self.expert_layer(module)
+        for disk, vllm in zip(self.expert_names, self.vllm_experts):
+            m = re.fullmatch(rf"{re.escape(self.layers_prefix)}\.{layer}\." + re.escape(disk).replace(r"\{e\}", r"(\d+)"), module)
+            if m:
+                return [f"{self.layers_prefix}.{layer}.{vllm.format(e=m.group(1))}"]
+        return []
+
+    def module_name(self, disk: str) -> str:
+        """A layer tensor's module-side name (relative to the layer) from its on-disk one."""
+        for a, b in self.rename:
+            disk = disk.replace(a, b)
+        return disk
+
 
 _STD = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+_W = tuple(f"block_sparse_moe.experts.{{e}}.{w}" for w in ("w1", "w3", "w2"))  # Mixtral's naming: w1 gate, w3 up
+_MOE = (("block_sparse_moe.", "mlp."),)
 ARCHS = {
     "deepseek_v3": Arch("model.layers", _STD),
     "kimi_k25": Arch("language_model.model.layers", _STD, text_config=True),
     "qwen3_moe": Arch("model.layers", _STD, n_experts_key="num_experts"),
-    "mixtral": Arch("model.layers", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
-                                     "block_sparse_moe.experts.{e}.w2"), rename=(("block_sparse_moe.", "mlp."),),
-                    router="block_sparse_moe.gate", n_experts_key="num_local_experts"),
+    "qwen3_next": Arch("model.layers", _STD, n_experts_key="num_experts"),
+    "mixtral": Arch("model.layers", _W, rename=_MOE, router="block_sparse_moe.gate", n_experts_key="num_local_experts"),
+    # vLLM builds MiniMax-M2's MoE under the prefix `mlp` (its checkpoint says block_sparse_moe)
+    "minimax_m2": Arch("model.layers", _W, rename=_MOE, router="block_sparse_moe.gate", n_experts_key="num_local_experts",
+                       expert_rows=("block_sparse_moe.e_score_correction_bias",),
+                       vllm_experts=tuple(f"mlp.experts.{{e}}.{w}" for w in ("w1", "w3", "w2"))),
+    # Kimi-Linear: transformers joins the KDA layers' q/k/v convolutions and moves the forget gate's tensors;
+    # vLLM looks its experts up as gate_proj/up_proj/down_proj
+    "kimi_linear": Arch("model.layers", _W, rename=(*_MOE, *((f"self_attn.{t}", f"self_attn.forget_gate.{t}")
+                                                           for t in ("f_a_proj.", "f_b_proj.", "dt_bias", "A_log"))),
+                        router="block_sparse_moe.gate", n_experts_key="num_local_experts",
+                        concat=(("self_attn.conv1d.weight", tuple(f"self_attn.{c}_conv1d.weight" for c in "qkv")),),
+                        vllm_experts=tuple(f"block_sparse_moe.experts.{{e}}.{p}_proj" for p in ("gate", "up", "down"))),
 }
 
 
@@ -53,8 +94,10 @@ def is_moe(layer) -> bool:
 
 
 def route(layer, x: torch.Tensor):
-    """The model's own router on post-attention-norm hidden states `[T, H]`: (weights, indices) `[T, k]`."""
-    _, weights, indices = layer.mlp.gate(x)
+    """The model's own router on post-attention-norm hidden states `[T, H]`: (weights, indices) `[T, k]`.
+    MiniMax-M2 keeps its score-correction bias on the MoE block and hands it to the router."""
+    bias = getattr(layer.mlp, "e_score_correction_bias", None)
+    _, weights, indices = layer.mlp.gate(x) if bias is None else layer.mlp.gate(x, bias)
     return weights, indices
 
 
@@ -100,21 +143,38 @@ def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_r
             down[e].copy_(tensors.pop(d))
         state["mlp.experts.gate_up_proj"] = gate_up
         state["mlp.experts.down_proj"] = down
+    for module, parts in arch.concat:
+        if prefix + parts[0] in tensors:
+            state[module] = torch.cat([tensors.pop(prefix + p) for p in parts])
     for key, value in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        for disk, module in arch.rename:
-            name = name.replace(disk, module)
-        state[name] = value
+        if key.startswith(prefix):
+            state[arch.module_name(key[len(prefix):])] = value
     return state
 
 
-def attention_residual(layer, h: torch.Tensor, position_ids, position_embeddings) -> torch.Tensor:
-    """The first half of a decoder layer on hidden states `[B, S, H]`: h + attention(input_norm(h))."""
-    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
-                              position_ids=position_ids, position_embeddings=position_embeddings)
-    return h + attn
+def positions(model, h: torch.Tensor) -> dict:
+    """A decoder layer's position arguments for a block of windows `[B, S, H]`: position ids, and the
+    rotary embeddings where the model has them (Kimi-Linear's MLA layers use none)."""
+    pos = torch.arange(h.shape[1], device=h.device)[None]
+    rotary = getattr(model.model, "rotary_emb", None)
+    return dict(position_ids=pos, **({"position_embeddings": rotary(h, pos)} if rotary is not None else {}))
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def attention_residual(layer, h: torch.Tensor, **positions) -> torch.Tensor:
+    """The first half of a decoder layer on hidden states `[B, S, H]`: h + attention(input_norm(h)), whatever
+    the token mixer (softmax attention, MLA, Qwen3-Next's gated DeltaNet, Kimi-Linear's KDA): the layer's
+    own forward with its MLP block answering zero."""
+    mlp = layer.mlp
+    layer.mlp = _Zero()
+    try:
+        return layer(h, attention_mask=None, **positions)
+    finally:
+        layer.mlp = mlp
 
 
 def moe_input(layer, residual: torch.Tensor) -> torch.Tensor:
@@ -128,9 +188,9 @@ def moe_output(layer, residual: torch.Tensor) -> torch.Tensor:
     return residual + layer.mlp(layer.post_attention_layernorm(residual))
 
 
-def post_attention_states(layer, h: torch.Tensor, pos, position_embeddings) -> torch.Tensor:
+def post_attention_states(layer, h: torch.Tensor, **positions) -> torch.Tensor:
     """The MoE block's input for hidden states `[B, S, H]`: attention + residual, then the norm; `[B*S, H]`."""
-    return moe_input(layer, attention_residual(layer, h, pos, position_embeddings))
+    return moe_input(layer, attention_residual(layer, h, **positions))
 
 
 def check_quantizable(model, group_size: int):

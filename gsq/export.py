@@ -18,10 +18,6 @@ from safetensors.torch import save_file
 
 from gsq.kernels.pack import pack
 
-EXPERT_TARGETS = {  # regex of the quantized modules, as vLLM and transformers match them
-    "mlp.experts.{e}.gate_proj": r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$",
-    "block_sparse_moe.experts.{e}.w1": r"re:.*block_sparse_moe\.experts\.\d+\.w[123]$",
-}
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
                           r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json)$")
 
@@ -57,16 +53,50 @@ def write_unit(root: Path, unit: str, tensors: dict, max_bytes: int):
         os.replace(tmp, path)
 
 
-def quantization_config(arch, container: int, group_size: int, ignore: list) -> dict:
+def targets(mine: set, others: set) -> list:
+    """Regexes (compressed-tensors `re:` targets) that match every module name in `mine` and none in
+    `others`, each as general as that allows: layer and expert numbers as `\\d+` (anything before the
+    layers prefix as `.*`, so vLLM's own prefixes match too), else the layer number kept (DeepSeek's MTP
+    layer keeps its FP8 experts beside the 2-bit ones), else the exact name."""
+    free = {}  # pattern -> whether it matches none of `others` (a handful of patterns, each checked once)
+    found = set()
+    for name in sorted(mine):
+        exact = re.escape(name)
+        candidates = [f"^{exact}$"]
+        layer = re.search(r"layers\\\.\d+\\\.", exact)
+        if layer:
+            tail = re.sub(r"(?<=\\\.)\d+(?=\\\.)", r"\\d+", exact[layer.end():])
+            candidates[:0] = [r".*layers\.\d+\." + tail + "$", ".*" + exact[layer.start():layer.end()] + tail + "$"]
+        for c in candidates:
+            if c not in free:
+                free[c] = not any(re.match(c, o) for o in others)
+            if free[c]:
+                found.add("re:" + c)
+                break
+    return sorted(found)
+
+
+def quantization_config(container: int, group_size: int, quantized: set, copied: dict, modules: set) -> dict:
+    """One compressed-tensors config for everything the checkpoint stores quantized: the new `container`-bit
+    group-`group_size` experts (`quantized`) and the modules copied as the source stored them (`copied`:
+    module name -> its compressed-tensors scheme, e.g. DeepSeek-V3's block-FP8 attention). Every target
+    selects exactly its group's modules among `modules` (all the checkpoint's modules)."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=container, type="int", symmetric=True, strategy="group",
                                group_size=group_size, dynamic=False)
-    scheme = QuantizationScheme(targets=[EXPERT_TARGETS[arch.expert_names[0]]], weights=weights,
-                                format="pack-quantized")
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                            quantization_status="compressed", ignore=ignore)
+    schemes = [(QuantizationScheme(targets=["Linear"], weights=weights, format="pack-quantized"), set(quantized))]
+    for name, scheme in sorted(copied.items()):
+        same = next((names for s, names in schemes if s == scheme), None)
+        if same is None:
+            schemes.append((scheme, same := set()))
+        same.add(name)
+    groups = {f"group_{n}": scheme.model_copy(update={"targets": targets(names, modules - names)})
+              for n, (scheme, names) in enumerate(schemes)}
+    formats = {scheme.format for scheme, _ in schemes}
+    qc = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                            quantization_status="compressed", ignore=[])
     return {**qc.model_dump(exclude_none=False), "version": compressed_tensors.__version__}
 
 

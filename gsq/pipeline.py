@@ -39,14 +39,8 @@ def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
             key = arch.expert_key(i, e, p)
             expert_keys.add(key + ".weight")
             tensors.update(export.expert_tensors(key, codes, scales, container))
-    tensors.update(ckpt.load([k for k in keys if k not in expert_keys]))
+    tensors.update(ckpt.stored([k for k in keys if k not in expert_keys]))  # as the source stores them
     return tensors
-
-
-def positions(model, h: torch.Tensor):
-    """Position ids and rotary embeddings for a block of windows `[B, S, H]`."""
-    pos = torch.arange(h.shape[1], device=h.device)[None]
-    return dict(position_ids=pos, position_embeddings=model.model.rotary_emb(h, pos))
 
 
 @torch.no_grad()
@@ -55,7 +49,7 @@ def layer_pass(model, layer, stores: list, compute):
     for store in stores:
         for b in store.blocks:
             h = store.get(b, compute)
-            store.put(b, layer(h, attention_mask=None, **positions(model, h)))
+            store.put(b, layer(h, attention_mask=None, **adapter.positions(model, h)))
 
 
 def moe_layer(model, layer, i: int, calib, cfg, dtype, compute, experts_per_batch: int):
@@ -64,7 +58,7 @@ def moe_layer(model, layer, i: int, calib, cfg, dtype, compute, experts_per_batc
     with torch.no_grad():
         for b in calib.blocks:
             h = calib.get(b, compute)
-            calib.put(b, adapter.attention_residual(layer, h, **positions(model, h)))
+            calib.put(b, adapter.attention_residual(layer, h, **adapter.positions(model, h)))
     final, stats = experts.quantize(layer, i, calib, cfg, dtype, experts_per_batch)
     with torch.no_grad():
         for b in calib.blocks:
@@ -81,7 +75,7 @@ def perplexity(model, ckpt, arch, evals, windows, first_original: int, device, c
         with torch.no_grad():
             for b, x in h.items():
                 x = x.to(device, compute)
-                h[b] = layer(x, attention_mask=None, **positions(model, x)).to(h[b].device, h[b].dtype)
+                h[b] = layer(x, attention_mask=None, **adapter.positions(model, x)).to(h[b].device, h[b].dtype)
         stream.unload_layer(model, j)
     sums = {}
     with torch.no_grad():
@@ -241,12 +235,12 @@ def run(cfg: Config) -> dict:
         return record
     out = Path(cfg.out)
     run_config = cfg.to_json()
-    export.write_unit(root, "rest", ckpt.load(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
+    export.write_unit(root, "rest", ckpt.stored(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
     (work / "state.json").unlink()  # first: a resume never meets a half-deleted resume point
     shutil.rmtree(work)
-    ignore = ["lm_head"] + [f"re:.*layers\\.{j}\\." for j in mtp_layers(ckpt, arch, n_layers)]
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = export.quantization_config(arch, cfg.container, cfg.group_size, ignore)
+    config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
+    config["quantization_config"] = output_quantization(ckpt, arch, n_layers, cfg)
     export.finish(src, root, out, config, {"gsq_config.json": run_config})
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=peak_rss_mb())
     (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -261,11 +255,15 @@ def rest_keys(ckpt, arch, n_layers: int) -> list:
     return sorted(k for k in ckpt.keys() if k not in inside)
 
 
-def mtp_layers(ckpt, arch, n_layers: int) -> list:
-    """Indices of extra layers stored past num_hidden_layers (DeepSeek's multi-token prediction)."""
-    prefix = arch.layers_prefix + "."
-    idx = {int(k[len(prefix):].split(".")[0]) for k in ckpt.keys() if k.startswith(prefix)}
-    return sorted(j for j in idx if j >= n_layers)
+def output_quantization(ckpt, arch, n_layers: int, cfg) -> dict:
+    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 at `cfg.container`
+    bits, and every module copied quantized from the source (FP8 attention, an MTP layer's experts) as stored."""
+    modules = {k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")}
+    quantized = {m for m in modules if arch.expert_layer(m) is not None and arch.expert_layer(m) < n_layers}
+    copied = {k[: -len(".weight")]: scheme for k, (_, scheme, _) in ckpt.compressed.items()}
+    copied = {m: scheme for m, scheme in copied.items() if m not in quantized}
+    vllm = {name for m in quantized for name in arch.vllm_names(m)}  # what vLLM's MoE layer looks up, too
+    return export.quantization_config(cfg.container, cfg.group_size, quantized | vllm, copied, modules)
 
 
 def _libc():

@@ -35,21 +35,20 @@ CHUNK = 8  # windows per forward pass through a layer (prune keeps its calibrati
 
 
 def chunks(model, hidden: torch.Tensor, device):
-    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with positions and
-    rotary embeddings: (slice, states, position_ids, position_embeddings)."""
-    pos = torch.arange(hidden.shape[1], device=device)[None]
+    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with their positions:
+    (slice, states, the layer's position arguments)."""
     compute = model.lm_head.weight.dtype  # the globals were loaded in the compute dtype
     for i in range(0, hidden.shape[0], CHUNK):
         h = hidden[i : i + CHUNK].to(device, compute)
-        yield slice(i, i + CHUNK), h, pos, model.model.rotary_emb(h, pos)
+        yield slice(i, i + CHUNK), h, adapter.positions(model, h)
 
 
 @torch.no_grad()
 def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
     """One decoder layer over all windows, chunk by chunk (outputs stored like the inputs)."""
     out = torch.empty_like(hidden)
-    for rows, h, pos, pe in chunks(model, hidden, device):
-        out[rows] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe).to(out.device, out.dtype)
+    for rows, h, positions in chunks(model, hidden, device):
+        out[rows] = layer(h, attention_mask=None, **positions).to(out.device, out.dtype)
     return out
 
 
@@ -63,8 +62,8 @@ def saliency(model, layer, hidden: torch.Tensor, device):
     E = adapter.num_experts(layer)
     total = torch.zeros(E, dtype=torch.float64)
     count = torch.zeros(E, dtype=torch.int64)
-    for _, h, pos, pe in chunks(model, hidden, device):
-        x = adapter.post_attention_states(layer, h, pos, pe)
+    for _, h, positions in chunks(model, hidden, device):
+        x = adapter.post_attention_states(layer, h, **positions)
         g, idx = adapter.route(layer, x)
         for e in range(E):
             token, slot = (idx == e).nonzero(as_tuple=True)
@@ -119,12 +118,13 @@ def separated(reap: torch.Tensor, kept: list, groups: int) -> bool:
     return True
 
 
-def sliced_module_state(layer, kept: list) -> dict:
+def sliced_module_state(arch, layer, kept: list) -> dict:
     """The layer's state dict with the router's and the routed experts' tensors cut to the kept experts."""
     E = adapter.num_experts(layer)
+    per_expert = ("mlp.gate.", "mlp.experts.", *(arch.module_name(t) for t in arch.expert_rows))
     state = {}
     for name, t in layer.state_dict().items():
-        cut = name.startswith(("mlp.gate.", "mlp.experts.")) and t.dim() > 0 and t.shape[0] == E
+        cut = name.startswith(per_expert) and t.dim() > 0 and t.shape[0] == E
         state[name] = t[torch.tensor(kept, device=t.device)] if cut else t
     return state
 
@@ -133,11 +133,11 @@ def layer_tensors(ckpt, arch, i: int, kept: list | None, E: int) -> dict:
     """Layer i's tensors as stored (packed ones stay packed); for a pruned layer, only the kept
     experts, renumbered 0..N-1, and the router's expert rows sliced to them."""
     prefix = f"{arch.layers_prefix}.{i}."
-    tensors = ckpt.load(sorted(k for k in ckpt.files if k.startswith(prefix)))  # on-disk names
+    tensors = ckpt.raw(sorted(k for k in ckpt.files if k.startswith(prefix)))
     if kept is None:
         return tensors
     experts = prefix + arch.expert_names[0].split("{e}")[0]  # "model.layers.i.mlp.experts."
-    router = prefix + arch.router + "."
+    rows = (prefix + arch.router + ".", *(prefix + t for t in arch.expert_rows))  # one row per expert
     new_index = {e: n for n, e in enumerate(kept)}
     out = {}
     for name, t in tensors.items():
@@ -145,7 +145,7 @@ def layer_tensors(ckpt, arch, i: int, kept: list | None, E: int) -> dict:
             e, _, tail = name[len(experts):].partition(".")
             if int(e) in new_index:
                 out[f"{experts}{new_index[int(e)]}.{tail}"] = t
-        elif name.startswith(router) and t.dim() > 0 and t.shape[0] == E:
+        elif name.startswith(rows) and t.dim() > 0 and t.shape[0] == E:
             out[name] = t[torch.tensor(kept)]
         else:
             out[name] = t
@@ -202,7 +202,7 @@ def run(cfg: Config) -> dict:
             pruned_away = sum(reap[e].item() for e in range(E) if e not in kept) / reap.sum().item()
             tqdm.write(f"layer {i}: kept {kept}; pruned experts hold {100 * pruned_away:.1f}% of the saliency; "
                        f"min kept > max pruned saliency: {stats['reap_separated']}")
-            state = sliced_module_state(layer, kept)
+            state = sliced_module_state(arch, layer, kept)
             stream.unload_layer(model, i)
             layer = stream.materialize(pruned.model.layers[i], state, device, compute)
         hidden = forward(model, layer, hidden, device)
@@ -221,7 +221,7 @@ def run(cfg: Config) -> dict:
         print(f"dropping the multi-token-prediction layer(s) {extra}: their experts cannot be scored")
         target["num_nextn_predict_layers"] = 0
     rest = sorted(k for k in ckpt.files if layer_index(arch, k) is None)
-    export.write_unit(root, "rest", ckpt.load(rest), cfg.max_shard_bytes)
+    export.write_unit(root, "rest", ckpt.raw(rest), cfg.max_shard_bytes)
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json()))
     export.finish(src, root, Path(cfg.out), out_config,
                   {"gsq_prune.json": json.dumps(record, indent=2) + "\n"})

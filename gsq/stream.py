@@ -1,9 +1,10 @@
 """Stream a safetensors model one decoder layer at a time: never the whole model in memory.
 
 The model skeleton is built from config.json on the meta device (no memory); a layer is
-materialised from the shards when the pipeline reaches it and dropped after. A compressed-tensors
-source (Kimi-K2.5 ships its experts as int4 pack-quantized) is read through compressed-tensors'
-own decompressor, module by module as it is loaded: the rest of gsq sees plain `P.weight` tensors.
+materialised from the shards when the pipeline reaches it and dropped after. A quantized source
+(Kimi-K2.5's int4 pack-quantized experts, DeepSeek-V3's and MiniMax-M2's block FP8) is read through
+compressed-tensors' own decompressor, module by module as it is loaded: the rest of gsq sees plain
+`P.weight` tensors.
 """
 
 import json
@@ -17,8 +18,19 @@ from gsq import adapter
 from gsq.errors import InputError
 
 
+# Tensor-name suffixes that only a quantized format writes: left unclaimed by the source's decoder, they
+# mean a format gsq cannot read.
+QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_scale_inv", "weight_zero_point", "weight_shape",
+                  "weight_g_idx", "input_scale", "qweight", "qzeros", "scales", "g_idx", "_blocks", "_scales")
+
+
 class Checkpoint:
-    """Tensor name -> shard file of a (possibly sharded) safetensors checkpoint; loads by name."""
+    """Tensor name -> shard file of a (possibly sharded) safetensors checkpoint; loads by name.
+
+    A quantized source module (compressed-tensors, or block FP8 as DeepSeek-V3 ships it) appears under
+    its dense name `P.weight` and is decoded by compressed-tensors' own decompressor when loaded;
+    `stored(names)` returns such modules as they are on disk, named as the output's compressed-tensors
+    config describes them, and `schemes` the quantization scheme of each."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -34,35 +46,59 @@ class Checkpoint:
             raise InputError(f"shard(s) listed in the index are missing: {', '.join(missing)}")
         check_shards(self.where)
         self.files = dict(self.where)  # on-disk names
-        self.compressed = compressed_modules(self.root, self.files)  # "P.weight" -> (compressor, scheme, parts)
+        # "P.weight" -> (compressor, scheme, {part: on-disk name}); the output names part p "P.p"
+        self.compressed = quantized_modules(self.root, self.files)
         for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
-            self.where[name] = self.files[parts["weight_packed"]]
+            file = self.files[parts["weight_packed" if "weight_packed" in parts else "weight"]]
             for disk_name in parts.values():
                 del self.where[disk_name]
+            self.where[name] = file
+        unread = next((k for k in self.where if k.rsplit(".", 1)[-1].endswith(QUANT_SUFFIXES)), None)
+        if unread is not None:
+            raise InputError(f"tensor {unread} is stored in a quantized format gsq cannot read "
+                             f"(suffix '{unread.rsplit('.', 1)[-1]}' with no quantization_config that explains it)")
 
     def keys(self):
         """Logical tensor names: a compressed module appears as its dense `P.weight`."""
         return self.where.keys()
 
-    def load(self, names, device="cpu") -> dict:
-        raw = [p for n in names for p in (self.compressed[n][2].values() if n in self.compressed else [n])]
+    def raw(self, names, device="cpu") -> dict:
+        """Tensors by on-disk name, as stored."""
         by_file = {}
-        for name in raw:
+        for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for path, group in by_file.items():
             with safe_open(path, "pt", device=str(device)) as f:
                 for name in group:
                     out[name] = f.get_tensor(name)
+        return out
+
+    def load(self, names, device="cpu") -> dict:
+        """Dense tensors by logical name; quantized modules decoded."""
+        out = self.raw([p for n in names for p in (self.compressed[n][2].values() if n in self.compressed
+                                                      else [n])], device)
         for name in names:
             if name in self.compressed:
                 compressor, scheme, parts = self.compressed[name]
                 local = {part: out.pop(disk_name) for part, disk_name in parts.items()}
                 out[name] = compressor.decompress(local, scheme)["weight"]
         for name, t in out.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise InputError(f"tensor {name} holds NaN or inf ({self.files.get(name, self.where[name]).name})")
+            if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
+                raise InputError(f"tensor {name} holds NaN or inf ({self.where[name].name})")
         return out
+
+    def stored(self, names) -> dict:
+        """Tensors by logical name as stored, a quantized module as its parts `P.weight_scale`, ... (the
+        compressed-tensors names: block FP8's `weight_scale_inv` is its `weight_scale`)."""
+        disk = {}
+        for name in names:
+            if name in self.compressed:
+                prefix = name[: -len(".weight")]
+                disk.update({d: f"{prefix}.{part}" for part, d in self.compressed[name][2].items()})
+            else:
+                disk[name] = name
+        return {disk[k]: t for k, t in self.raw(list(disk), "cpu").items()}
 
     def layer_keys(self, arch: adapter.Arch, i: int) -> list:
         prefix = f"{arch.layers_prefix}.{i}."
@@ -92,32 +128,51 @@ def check_shards(where: dict):
             raise InputError(f"shard {path.name} lacks {lost[0]} (and {len(lost) - 1} more) that the index puts there")
 
 
-def compressed_modules(root: Path, where: dict) -> dict:
-    """Modules stored compressed by compressed-tensors (`P.weight_packed`, `P.weight_scale`, ...), each
-    with the decompressor of the checkpoint's format and the scheme of the config group that targets it."""
-    packed = [k[: -len(".weight_packed")] for k in where if k.endswith(".weight_packed")]
-    if not packed:
-        return {}
+def source_quantization(root: Path):
+    """The source's quantization_config, wherever it sits (top level, or a multimodal wrapper's text_config)."""
     config = json.loads((root / "config.json").read_text())
-    qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
-    if not qc or qc.get("quant_method") != "compressed-tensors":
-        raise InputError(f"{root} has packed weights ({packed[0]}.weight_packed) but no compressed-tensors "
-                         "quantization_config in config.json")
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.compressors import BaseCompressor
+    return config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
 
+
+def quantized_modules(root: Path, where: dict) -> dict:
+    """Modules the source stores quantized, each with compressed-tensors' decompressor and scheme and its
+    parts' on-disk names. compressed-tensors sources carry their schemes; block FP8 (`quant_method: fp8`,
+    DeepSeek-V3, MiniMax-M2) is compressed-tensors' FP8_BLOCK scheme with the scale named `weight_scale_inv`."""
+    qc = source_quantization(root)
+    if not qc:
+        return {}
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import FP8_BLOCK
+
+    method = qc.get("quant_method")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if list(block or []) != [128, 128] or qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise InputError(f"FP8 source with weight_block_size {block} and activation_scheme "
+                             f"{qc.get('activation_scheme')!r} is not supported (only 128x128 blocks, dynamic)")
+        scheme = QuantizationScheme(targets=["Linear"], **FP8_BLOCK, format="float-quantized")
+        compressor = BaseCompressor.get_value_from_registry("float-quantized")
+        modules = [k[: -len(".weight_scale_inv")] for k in where if k.endswith(".weight_scale_inv")]
+        return {m + ".weight": (compressor, scheme, {"weight": m + ".weight", "weight_scale": m + ".weight_scale_inv"})
+                for m in modules}
+    if method != "compressed-tensors":
+        raise InputError(f"source quantization '{method}' is not supported (gsq reads bf16/fp16/fp32, "
+                         "block FP8 (quant_method fp8) and compressed-tensors checkpoints)")
     qc = QuantizationConfig.model_validate(qc)
-    try:
-        compressor = BaseCompressor.get_value_from_registry(qc.format)
-    except Exception as exc:
-        raise InputError(f"compressed-tensors format '{qc.format}' of {root} cannot be decompressed") from exc
     modules = {}
-    for prefix in packed:
+    for prefix in sorted(k[: -len(".weight_scale")] for k in where if k.endswith(".weight_scale")):
         scheme = next((g for g in qc.config_groups.values()
                        if any(t == "Linear" or t == prefix or (t.startswith("re:") and re.match(t[3:], prefix))
                               for t in g.targets)), None)
         if scheme is None:
             raise InputError(f"no quantization_config group of {root} targets {prefix}")
+        fmt = scheme.format or qc.format
+        try:
+            compressor = BaseCompressor.get_value_from_registry(fmt)
+        except Exception as exc:
+            raise InputError(f"compressed-tensors format '{fmt}' of {root} cannot be decompressed") from exc
+        scheme = scheme.model_copy(update={"format": fmt})
         parts = {p: f"{prefix}.{p}" for p in compressor.compression_param_names(scheme)}
         lost = [n for n in parts.values() if n not in where]
         if lost:
@@ -175,5 +230,6 @@ def load_globals(ckpt: Checkpoint, model, arch, device, dtype):
         module.to_empty(device=device)
         module.load_state_dict({"weight": tensors[names[module_name + ".weight"]]})
         module.to(dtype)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+    if getattr(model.model, "rotary_emb", None) is not None:
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
     return model

@@ -1,0 +1,107 @@
+"""Small replicas of the checkpoints users download, as their authors ship them: each model's real
+config keys and nesting, its on-disk tensor names and its source format (block FP8, int4 pack-quantized),
+built from transformers' own classes or from the bundled tiny model."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_MODEL
+
+FP8_BLOCK = 128
+# DeepSeek-V3's published quantization_config (config.json of deepseek-ai/DeepSeek-V3, R1, V3.1).
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def fp8_blocks(w: torch.Tensor):
+    """A weight `[out, in]` as DeepSeek-V3 stores it: float8_e4m3fn with a float32 `weight_scale_inv` per
+    128x128 block (edge blocks partial), dequantized as `weight * weight_scale_inv`."""
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w.float(), (0, -cols % FP8_BLOCK, 0, -rows % FP8_BLOCK))
+    blocks = padded.unflatten(1, (-1, FP8_BLOCK)).unflatten(0, (-1, FP8_BLOCK))  # [R, 128, C, 128]
+    scale = (blocks.abs().amax((1, 3)) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    q = (blocks / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
+
+
+def fp8_dequant(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """The test's own reading of a block-FP8 weight: each element times its block's scale, in float32."""
+    rows, cols = q.shape
+    s = scale_inv.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return q.float() * s
+
+
+def write_fp8(tensors: dict, dst: Path, is_fp8) -> None:
+    """`tensors` with every 2-D weight that `is_fp8(name)` selects stored as block FP8, into dst/ as two
+    shards and an index (as the real checkpoints are sharded)."""
+    out = {}
+    for name, w in tensors.items():
+        if is_fp8(name) and w.dim() == 2:
+            out[name], out[name + "_scale_inv"] = fp8_blocks(w)
+        else:
+            out[name] = w
+    names = sorted(out)
+    half = len(names) // 2
+    weight_map = {}
+    for n, part in enumerate((names[:half], names[half:])):
+        shard = f"model-{n + 1:05d}-of-00002.safetensors"
+        save_file({k: out[k].contiguous() for k in part}, dst / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def copy_tokenizer(dst: Path):
+    for f in TINY_MODEL.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy(f, dst / f.name)
+
+
+def saved(model, dst: Path) -> dict:
+    """Save a transformers model (bf16) with the bundled tokenizer the way its authors' tools do (per-expert
+    on-disk names come from transformers' own conversion); returns its tensors, read back from disk."""
+    model.to(torch.bfloat16).save_pretrained(dst)
+    copy_tokenizer(dst)
+    tensors = {}
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    return tensors
+
+
+def deepseek_v3_fp8(dst: Path) -> Path:
+    """DeepSeek-V3 as shipped: block FP8 on every linear of the decoder layers (the routers `mlp.gate`
+    stay bf16), and a multi-token-prediction layer stored as layer `num_hidden_layers` with its
+    `enorm`/`hnorm`/`eh_proj`/`shared_head`. Random weights; the real model's shape rules (MLA ranks and
+    every FP8 linear's input a multiple of 128, the first layer dense, one shared expert)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                              n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+                              n_group=1, topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+                              qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=4096, num_nextn_predict_layers=1)
+    dst.mkdir(parents=True)
+    tensors = saved(DeepseekV3ForCausalLM(config), dst)
+    n = config.num_hidden_layers
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    tensors.update({mtp + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)})
+    hidden = config.hidden_size
+    tensors.update({mtp + "enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                    mtp + "hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                    mtp + "eh_proj.weight": torch.randn(hidden, 2 * hidden, dtype=torch.bfloat16) * 0.02,
+                    mtp + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                    mtp + "shared_head.norm.weight": tensors["model.norm.weight"].clone(),
+                    mtp + "shared_head.head.weight": tensors["lm_head.weight"].clone()})
+    mtp_plain = re.compile(rf"model\.layers\.{n}\.(eh_proj|embed_tokens|shared_head)\.")
+    write_fp8(tensors, dst, lambda k: k.startswith("model.layers.") and not k.endswith("mlp.gate.weight")
+              and not mtp_plain.match(k))
+    published = json.loads((dst / "config.json").read_text())
+    published["quantization_config"] = FP8_CONFIG
+    (dst / "config.json").write_text(json.dumps(published, indent=2))
+    return dst
