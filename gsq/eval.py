@@ -109,19 +109,24 @@ def check_model_dir(path: str) -> Path:
 
 def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     root = check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(root)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0]}") from exc
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto = AutoModelForCausalLM
+    elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "text_config"):
+        auto = AutoModelForImageTextToText  # a multimodal wrapper (Kimi-K2.5): text-only input runs its language model
+    else:
         raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype).to(device).eval()
+        model = auto.from_pretrained(root, dtype=torch_dtype).to(device).eval()
     except (OSError, ValueError) as exc:  # no or unreadable weights
         raise InputError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
     tokenizer = AutoTokenizer.from_pretrained(root)
@@ -188,7 +193,7 @@ def main(argv=None):
         reference = None
         if args.reference:
             reference, _ = load_model(args.reference, device, args.dtype)
-            if reference.config.vocab_size != model.config.vocab_size:
+            if reference.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
                 raise InputError(f"--reference {args.reference} has a different vocabulary than {args.model}")
             result["reference"] = args.reference
         windows = eval_windows(tokenizer, rows, args.seqlen, args.max_windows)

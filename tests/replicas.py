@@ -105,3 +105,136 @@ def deepseek_v3_fp8(dst: Path) -> Path:
     published["quantization_config"] = FP8_CONFIG
     (dst / "config.json").write_text(json.dumps(published, indent=2))
     return dst
+
+
+def fp8_source(dst: Path, tensors: dict, is_fp8) -> None:
+    write_fp8(tensors, dst, is_fp8)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = FP8_CONFIG
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
+COMMON = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, num_experts_per_tok=2,
+              max_position_embeddings=4096, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
+
+def minimax_m2_fp8(dst: Path) -> Path:
+    """MiniMax-M2 / M2.5 as shipped: block FP8 on attention and experts (`block_sparse_moe.experts.E.w1/w2/w3`),
+    bf16 router `block_sparse_moe.gate` and its `e_score_correction_bias` (sigmoid scoring)."""
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+    torch.manual_seed(0)
+    config = MiniMaxM2Config(**COMMON, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, head_dim=64)
+    model = MiniMaxM2ForCausalLM(config)
+    with torch.no_grad():  # a trained router's correction bias is not zero
+        for layer in model.model.layers:
+            layer.mlp.e_score_correction_bias.normal_(0, 0.05)
+    dst.mkdir(parents=True)
+    tensors = saved(model, dst)
+    fp8_source(dst, tensors, lambda k: k.startswith("model.layers.") and ".gate." not in k)
+    return dst
+
+
+def qwen3_next(dst: Path) -> Path:
+    """Qwen3-Next: gated DeltaNet (`linear_attn`) layers beside attention layers, 1 in 4 as published, routed
+    experts `mlp.experts.E.*_proj` and a gated shared expert; bf16."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3NextConfig(**COMMON, num_hidden_layers=4, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+                             intermediate_size=256, num_experts=8, head_dim=64, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=64, linear_value_head_dim=64)
+    dst.mkdir(parents=True)
+    save_whole(Qwen3NextForCausalLM(config), dst)
+    return dst
+
+
+def kimi_linear(dst: Path) -> Path:
+    """Kimi-Linear-48B-A3B: KDA linear-attention layers beside MLA layers (`linear_attn_config` as published,
+    1-indexed layer lists), the first layer dense, routed experts `block_sparse_moe.experts.E.w1/w2/w3` with a
+    shared expert and a biased sigmoid router; bf16."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    config = KimiLinearConfig(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=4, moe_intermediate_size=128,
+                              intermediate_size=256, num_local_experts=8, kv_lora_rank=128, qk_nope_head_dim=64,
+                              qk_rope_head_dim=64, v_head_dim=64,
+                              linear_attn_config={"full_attn_layers": [2, 4], "kda_layers": [1, 3], "head_dim": 64,
+                                                  "num_heads": 4, "short_conv_kernel_size": 4})
+    dst.mkdir(parents=True)
+    save_whole(KimiLinearForCausalLM(config), dst)
+    return dst
+
+
+def qwen3_moe(dst: Path) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**COMMON, num_hidden_layers=2, moe_intermediate_size=128, intermediate_size=256,
+                            num_experts=8, head_dim=64, decoder_sparse_step=1)
+    dst.mkdir(parents=True)
+    save_whole(Qwen3MoeForCausalLM(config), dst)
+    return dst
+
+
+def mixtral(dst: Path) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=128, num_local_experts=8)
+    dst.mkdir(parents=True)
+    save_whole(MixtralForCausalLM(config), dst)
+    return dst
+
+
+def save_whole(model, dst: Path):
+    model.to(torch.bfloat16).save_pretrained(dst)
+    copy_tokenizer(dst)
+
+
+def kimi_k25_int4(dst: Path) -> Path:
+    """Kimi-K2.5 as shipped: `kimi_k25` with the text model under `text_config` (its model_type `kimi_k2`),
+    tensors under `language_model.`, a vision tower and projector, and the routed experts int4 symmetric
+    group 32 pack-quantized by compressed-tensors (`weight_shape` int32), its quantization_config under
+    text_config."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from transformers import AutoModelForImageTextToText, Kimi_K25Config
+
+    torch.manual_seed(0)
+    text = dict(model_type="deepseek_v3", vocab_size=2048, hidden_size=256, intermediate_size=512,
+                moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                v_head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False)
+    vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                  pos_emb_height=8, pos_emb_width=8)
+    config = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=64, tie_word_embeddings=False)
+    dst.mkdir(parents=True)
+    # transformers 5.24 writes the text layers back as `blocks` (its vision renames, reversed): the shipped
+    # checkpoint names them `language_model.model.layers.L`
+    tensors = {k.replace("language_model.model.blocks.", "language_model.model.layers."): v
+               for k, v in saved(AutoModelForImageTextToText.from_config(config), dst).items()}
+    scheme = QuantizationScheme(targets=[r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=32))
+    expert = re.compile(r"language_model\.model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
+    out = {}
+    for name, w in tensors.items():
+        if not expert.fullmatch(name):
+            out[name] = w
+            continue
+        scale = (w.float().unflatten(-1, (-1, 32)).abs().amax(-1) / 7).clamp(min=1e-8).to(w.dtype)
+        packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        packed["weight_shape"] = packed["weight_shape"].to(torch.int32)
+        out.update({f"{name[:-len('.weight')]}.{k}": v for k, v in packed.items()})
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    published = json.loads((dst / "config.json").read_text())
+    published["text_config"]["model_type"] = "kimi_k2"
+    published["text_config"]["quantization_config"] = QuantizationConfig(
+        config_groups={"group_0": scheme}, format="pack-quantized", ignore=["lm_head", "re:.*vision_tower.*"]).model_dump()
+    (dst / "config.json").write_text(json.dumps(published, indent=2))
+    return dst
+
+
+BUILDERS = {"deepseek_v3": deepseek_v3_fp8, "kimi_k25": kimi_k25_int4, "minimax_m2": minimax_m2_fp8,
+            "kimi_linear": kimi_linear, "qwen3_next": qwen3_next, "qwen3_moe": qwen3_moe, "mixtral": mixtral}

@@ -1,0 +1,168 @@
+"""Every supported model as its authors ship it (tests/replicas.py): quantize, prune and evaluate each; the
+checkpoint holds exactly the expert names vLLM's loader for that model reads, one quantization config that
+selects exactly the re-quantized experts plus the modules copied quantized from the source, every other
+tensor byte-identical to the source, and transformers reads it back with the experts equal to gsq's codes
+times scales."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.utils.match import match_name
+from safetensors import safe_open
+from conftest import CALIB_DATA, FAST, ROOT, WIKI_TEST, digest, quantize
+
+import replicas
+from gsq import stream
+
+STD = ("gate_proj", "up_proj", "down_proj")
+W = ("w1", "w3", "w2")  # gate, up, down
+# kind: (the experts' checkpoint names as vLLM's weight loader reads them, their projection names;
+#        the names vLLM's MoE layer looks the experts' compressed-tensors scheme up under, and theirs)
+VLLM = {
+    "deepseek_v3": ("model.layers.{l}.mlp.experts.{e}.{p}", STD, "model.layers.{l}.mlp.experts.0.{p}", STD),
+    "kimi_k25": ("language_model.model.layers.{l}.mlp.experts.{e}.{p}", STD,
+                 "language_model.model.layers.{l}.mlp.experts.0.{p}", STD),
+    "minimax_m2": ("model.layers.{l}.block_sparse_moe.experts.{e}.{p}", W, "model.layers.{l}.mlp.experts.0.{p}", W),
+    "kimi_linear": ("model.layers.{l}.block_sparse_moe.experts.{e}.{p}", W,
+                    "model.layers.{l}.block_sparse_moe.experts.0.{p}", STD),
+    "qwen3_next": ("model.layers.{l}.mlp.experts.{e}.{p}", STD, "model.layers.{l}.mlp.experts.0.{p}", STD),
+    "qwen3_moe": ("model.layers.{l}.mlp.experts.{e}.{p}", STD, "model.layers.{l}.mlp.experts.0.{p}", STD),
+    "mixtral": ("model.layers.{l}.block_sparse_moe.experts.{e}.{p}", W, "model.layers.{l}.block_sparse_moe.experts.0.{p}", W),
+}
+MOE_LAYERS = {"deepseek_v3": [1, 2], "kimi_k25": [1, 2], "minimax_m2": [0, 1], "kimi_linear": [1, 2, 3],
+              "qwen3_next": [0, 1, 2, 3], "qwen3_moe": [0, 1], "mixtral": [0, 1]}
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+# transformers 5.24 cannot load any compressed-tensors Kimi-Linear checkpoint: its dequantizing loader feeds
+# the KDA layers' q/k/v_conv1d concatenation nothing (CompressedTensorsDequantize takes the converter's
+# per-source dict for an experts one)
+TRANSFORMERS_CANNOT = {"kimi_linear": "transformers 5.24 loads no compressed-tensors Kimi-Linear checkpoint"}
+
+
+@pytest.fixture(scope="module", params=list(VLLM))
+def run(request, tmp_path_factory):
+    kind = request.param
+    src = replicas.BUILDERS[kind](tmp_path_factory.mktemp(kind) / "src")
+    before = digest(src, skip=())
+    out = src.parent / "w2"
+    proc = quantize("--out", str(out), *FAST, model=src)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert digest(src, skip=()) == before  # the source is never modified
+    return kind, src, out
+
+
+def weight_map(path):
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return dict.fromkeys(f.keys(), path / "model.safetensors")
+
+
+def tensor(where, name):
+    with safe_open(where[name], "pt") as f:
+        return f.get_tensor(name)
+
+
+def test_checkpoint_as_vllm_and_compressed_tensors_read_it(run):
+    kind, src, out = run
+    names, projs, probe, probe_projs = VLLM[kind]
+    where = weight_map(out)
+    quantized = {names.format(l=l, e=e, p=p) for l in MOE_LAYERS[kind] for e in range(8) for p in projs}
+    schemes = {k[: -len(".weight")]: scheme.weights.model_dump() for k, (_, scheme, _) in stream.Checkpoint(src).compressed.items()}
+    source_quantized = set(schemes)
+    assert {k[: -len(".weight_packed")] for k in where if k.endswith(".weight_packed")} == quantized | {
+        m for m in source_quantized - quantized if m + ".weight_packed" in where}
+
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config.get("text_config", {})  # one config, describing everything
+    qc = config["quantization_config"]
+    groups = {name: g["targets"] for name, g in qc["config_groups"].items()}
+    modules = {k.rsplit(".", 1)[0] for k in where if k.endswith((".weight", ".weight_packed"))}
+
+    def selected_by(module):
+        return {name for name, targets in groups.items() if any(match_name(module, t) for t in targets)}
+
+    for module in modules:
+        expected = {"group_0"} if module in quantized else set()
+        if module in source_quantized - quantized:  # copied as stored, in the group of the source's scheme
+            expected = {n for n, g in qc["config_groups"].items() if n != "group_0" and g["weights"] == schemes[module]}
+            assert len(expected) == 1
+        assert selected_by(module) == expected, module
+    for l in MOE_LAYERS[kind]:  # vLLM's MoE layer finds the 2-bit scheme under its own names
+        for p in probe_projs:
+            assert selected_by(probe.format(l=l, p=p)) == {"group_0"}
+
+    source = weight_map(src)
+    renamed = {k[: -len("_inv")] if k.endswith("weight_scale_inv") else k: k for k in source}
+    for name in where:  # everything not re-quantized: byte-identical to the source's tensor
+        if name.rsplit(".", 1)[0] not in quantized:
+            a, b = tensor(where, name), tensor(source, renamed[name])
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
+def expect_upstream_failure(request, kind):
+    if kind in TRANSFORMERS_CANNOT:  # strict: once transformers reads it, this test says so
+        request.applymarker(pytest.mark.xfail(reason=TRANSFORMERS_CANNOT[kind], strict=True))
+
+
+def test_transformers_reads_the_experts_as_codes_times_scales(run, request):
+    kind, src, out = run
+    expect_upstream_failure(request, kind)
+    from gsq.eval import load_model
+
+    model, _ = load_model(str(out), dtype="bfloat16")
+    names, projs, _, _ = VLLM[kind]
+    where = weight_map(out)
+    layer = MOE_LAYERS[kind][-1]
+    key = names.format(l=layer, e=5, p=projs[2])  # down_proj of expert 5
+    packed, scale, shape = (tensor(where, f"{key}.{t}") for t in ("weight_packed", "weight_scale", "weight_shape"))
+    codes = unpack_from_int32(packed, 2, shape)
+    expected = (codes.float() * scale.float().repeat_interleave(codes.shape[1] // scale.shape[1], 1)).to(torch.bfloat16)
+    text = model.model.language_model if kind == "kimi_k25" else model.model
+    assert torch.equal(text.layers[layer].mlp.experts.down_proj[5], expected)
+    assert torch.isfinite(model(torch.arange(1, 33)[None]).logits).all()
+
+
+def test_eval_against_the_source(run, request):
+    kind, src, out = run
+    expect_upstream_failure(request, kind)
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", str(src),
+                           "--data-file", str(WIKI_TEST), "--seqlen", "128", "--max-windows", "2", "--json"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < result["kl"] < 1 and 0 < result["top1"] <= 1
+
+
+def test_prune(run):
+    kind, src, out = run
+    pruned = out.parent / "reap4"
+    proc = subprocess.run([sys.executable, "-m", "gsq.prune", "--model", str(src), "--out", str(pruned), "--keep", "4",
+                           *CALIB_DATA, "--num-samples", "8", "--seqlen", "64"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names, projs, _, _ = VLLM[kind]
+    where = weight_map(pruned)
+    experts = {k for k in where if any(k.startswith(names.format(l=l, e=e, p="")) for l in MOE_LAYERS[kind]
+                                       for e in range(8))}
+    assert {k.split(".experts.")[1].split(".")[0] for k in experts} == {"0", "1", "2", "3"}
+    source = weight_map(src)
+    config = json.loads((pruned / "config.json").read_text())
+    assert json.dumps(config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")) \
+        == json.dumps(stream.source_quantization(src))  # still the source's format, fewer experts
+    assert all(tensor(where, k).dtype == tensor(source, k).dtype for k in list(where)[:50] if k in source)
+
+
+def test_fp8_experts_are_calibrated_dequantized(tmp_path):
+    """The experts gsq calibrates on equal weight x weight_scale_inv, computed here independently."""
+    src = replicas.deepseek_v3_fp8(tmp_path / "src")
+    ckpt = stream.Checkpoint(src)
+    source = weight_map(src)
+    for name in ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"):
+        dense = ckpt.load([name])[name]
+        assert torch.equal(dense.float(), replicas.fp8_dequant(tensor(source, name), tensor(source, name + "_scale_inv")))
