@@ -57,6 +57,11 @@ class Checkpoint:
         if unread is not None:
             raise InputError(f"tensor {unread} is stored in a quantized format gsq cannot read "
                              f"(suffix '{unread.rsplit('.', 1)[-1]}' with no quantization_config that explains it)")
+        plain = [k for k in self.where if k not in self.compressed]
+        for name, dtype in dtypes(plain, self.files).items():
+            if dtype.startswith(("F8", "F4", "I8", "U8", "I4", "U4")):
+                raise InputError(f"tensor {name} is stored as {dtype} with no scale or quantization_config that "
+                                 "says how to read it")
 
     def keys(self):
         """Logical tensor names: a compressed module appears as its dense `P.weight`."""
@@ -113,6 +118,17 @@ def shard_keys(path: Path) -> list:
             return list(f.keys())
     except Exception as exc:  # safetensors' own error, e.g. "incomplete metadata, file not fully covered"
         raise InputError(f"shard {path.name} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc
+
+
+def dtypes(names, files: dict) -> dict:
+    """Each tensor's stored dtype (safetensors' name, e.g. "BF16", "F8_E4M3"), from the shard headers."""
+    by_file, out = {}, {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for path, group in by_file.items():
+        with safe_open(path, "pt") as f:
+            out.update({name: f.get_slice(name).get_dtype() for name in group})
+    return out
 
 
 def check_shards(where: dict):

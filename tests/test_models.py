@@ -166,3 +166,56 @@ def test_fp8_experts_are_calibrated_dequantized(tmp_path):
     for name in ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"):
         dense = ckpt.load([name])[name]
         assert torch.equal(dense.float(), replicas.fp8_dequant(tensor(source, name), tensor(source, name + "_scale_inv")))
+
+
+def _unknown_method(src):
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def _no_config(src):
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def _unknown_suffix(src):
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(src.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.o_proj.qweight"] = torch.zeros(4, 4, dtype=torch.int32)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.1.self_attn.o_proj.qweight"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _scales_dropped(src):
+    _no_config(src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith("_scale_inv")}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("damage, line", [
+    (_unknown_method, "error: source quantization 'gptq' is not supported (gsq reads bf16/fp16/fp32, block FP8 "
+                      "(quant_method fp8) and compressed-tensors checkpoints)"),
+    (_no_config, "is stored in a quantized format gsq cannot read (suffix 'weight_scale_inv' with no "
+                 "quantization_config that explains it)"),
+    (_unknown_suffix, "error: tensor model.layers.1.self_attn.o_proj.qweight is stored in a quantized format gsq "
+                      "cannot read (suffix 'qweight' with no quantization_config that explains it)"),
+    (_scales_dropped, "is stored as F8_E4M3 with no scale or quantization_config that says how to read it"),
+])
+def test_unreadable_sources_are_refused_before_any_work(damage, line, tmp_path):
+    src = replicas.deepseek_v3_fp8(tmp_path / "src")
+    damage(src)
+    for tool in ("gsq.quantize", "gsq.prune"):
+        out = tmp_path / tool
+        extra = ["--keep", "4"] if tool == "gsq.prune" else []
+        proc = subprocess.run([sys.executable, "-m", tool, "--model", str(src), "--out", str(out), *extra, *CALIB_DATA],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith(line) and len(proc.stderr.strip().splitlines()) == 1
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
