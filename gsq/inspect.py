@@ -31,6 +31,7 @@ def max_distinct_per_group(codes: torch.Tensor, group: int) -> int:
 
 def inspect(path: Path) -> dict:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.utils.match import match_name
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -38,7 +39,12 @@ def inspect(path: Path) -> dict:
     qc = json.loads(config_file.read_text()).get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")
-    (scheme,) = qc["config_groups"].values()
+    # the integer pack-quantized group (gsq's experts); others describe modules copied as the source stored them
+    schemes = [g for g in qc["config_groups"].values() if (g.get("weights") or {}).get("type") == "int"
+               and (g.get("format") or qc.get("format")) == "pack-quantized"]
+    if len(schemes) != 1:
+        raise InputError(f"{path} has {len(schemes)} integer pack-quantized config groups: gsq.inspect reads one")
+    scheme = schemes[0]
     container, group = scheme["weights"]["num_bits"], scheme["weights"]["group_size"]
     run = json.loads((path / "gsq_config.json").read_text()) if (path / "gsq_config.json").is_file() else {}
     bits = run.get("bits", container)
@@ -49,6 +55,8 @@ def inspect(path: Path) -> dict:
                 if not name.endswith(".weight_packed"):
                     continue
                 key = name[: -len(".weight_packed")]
+                if not any(match_name(key, t) for t in scheme["targets"]):
+                    continue
                 packed, scale = f.get_tensor(name), f.get_tensor(key + ".weight_scale")
                 shape = f.get_tensor(key + ".weight_shape")
                 codes = unpack_from_int32(packed, container, shape)

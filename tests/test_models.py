@@ -97,6 +97,11 @@ def test_checkpoint_as_vllm_and_compressed_tensors_read_it(run):
         for p in probe_projs:
             assert selected_by(probe.format(l=l, p=p)) == {"group_0"}
 
+    from gsq.inspect import inspect
+
+    report = inspect(out)  # reads gsq's 2-bit group beside the source's FP8 / int4 one
+    assert report["quantized"]["tensors"] == len(quantized) and report["quantized"]["max_distinct"] <= 4
+
     source = weight_map(src)
     renamed = {k[: -len("_inv")] if k.endswith("weight_scale_inv") else k: k for k in source}
     for name in where:  # everything not re-quantized: byte-identical to the source's tensor
