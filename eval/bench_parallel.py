@@ -63,7 +63,6 @@ def step_inputs(model: str) -> dict:
 
     from gsq import adapter, stream
     from gsq.acts import BLOCK
-    from gsq.pipeline import positions
 
     config = AutoConfig.from_pretrained(model)
     skeleton, ckpt, arch = stream.skeleton(adapter.text_config(config)), stream.Checkpoint(model), adapter.arch_of(config)
@@ -79,9 +78,9 @@ def step_inputs(model: str) -> dict:
         return (time.perf_counter() - t0) / n
 
     with torch.no_grad():
-        residual = adapter.attention_residual(layer, h, **positions(skeleton, h))
+        residual = adapter.attention_residual(layer, h, **adapter.positions(skeleton, h))
         again = timed(lambda: adapter.route(layer, adapter.moe_input(
-            layer, adapter.attention_residual(layer, h, **positions(skeleton, h)))))
+            layer, adapter.attention_residual(layer, h, **adapter.positions(skeleton, h)))))
         stored = timed(lambda: adapter.route(layer, adapter.moe_input(layer, residual)))
     print(f"router input of one block ({BLOCK} x 256 tokens): attention recomputed {1e3 * again:.2f} ms, "
           f"stored residual {1e3 * stored:.2f} ms ({again / stored:.1f}x)")

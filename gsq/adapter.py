@@ -1,10 +1,12 @@
 """Everything model-specific, as one table: where the decoder layers, routers, experts and shared
 experts are, and how routed experts are named on disk. Add an architecture by adding a row.
 
-All supported architectures share transformers' MoE interface: `layer.mlp.gate(x)` returns
+All supported architectures share transformers' MoE interface: the router `layer.mlp.gate(x)` returns
 `(logits, topk_weights, topk_indices)`; `layer.mlp.experts` holds fused parameters
 `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`; checkpoints keep one 2-D
-tensor per expert and projection.
+tensor per expert and projection. gpt-oss differs, and only gsq.prune takes it: its router is
+`layer.mlp.router`, its MoE block returns (hidden, router scores), its experts are stored fused
+(`[E, H, 2I]`, gate and up interleaved, with biases and a clamped SwiGLU), MXFP4 on disk.
 """
 
 import re
@@ -28,6 +30,8 @@ class Arch:
     # vLLM's names for the experts (gate, up, down) when its MoE layer looks them up under other names than
     # the checkpoint's: its compressed-tensors scheme lookup probes f"{moe prefix}.experts.0.{name}"
     vllm_experts: tuple = ()
+    # why gsq.quantize refuses the architecture (gsq.prune still takes it), "" if it does not
+    no_quantize: str = ""
 
     def expert_key(self, layer: int, expert: int, proj: int) -> str:
         return f"{self.layers_prefix}.{layer}.{self.expert_names[proj].format(e=expert)}"
@@ -76,6 +80,12 @@ ARCHS = {
                         router="block_sparse_moe.gate", n_experts_key="num_local_experts",
                         concat=(("self_attn.conv1d.weight", tuple(f"self_attn.{c}_conv1d.weight" for c in "qkv")),),
                         vllm_experts=tuple(f"block_sparse_moe.experts.{{e}}.{p}_proj" for p in ("gate", "up", "down"))),
+    # gpt-oss: experts fused on disk (MXFP4 `_blocks`/`_scales`, `_bias`), one row per expert like the router's
+    "gpt_oss": Arch("model.layers", (), router="mlp.router", expert_rows=("mlp.experts.",),
+                    n_experts_key="num_local_experts",
+                    no_quantize="its experts carry biases and a clamped, interleaved SwiGLU that gsq's 2-bit "
+                                "quantizer does not model, and vLLM reads quantized gpt-oss experts only as its own "
+                                "fused w13/w2 tensors (gsq.prune takes it)"),
 }
 
 
@@ -89,15 +99,22 @@ def text_config(config):
     return config.text_config if arch_of(config).text_config else config
 
 
+def router(layer):
+    """The MoE block's router module (gpt-oss calls it `router`), else None for a dense layer."""
+    if not hasattr(layer.mlp, "experts"):
+        return None
+    return getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)
+
+
 def is_moe(layer) -> bool:
-    return hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+    return router(layer) is not None
 
 
 def route(layer, x: torch.Tensor):
     """The model's own router on post-attention-norm hidden states `[T, H]`: (weights, indices) `[T, k]`.
     MiniMax-M2 keeps its score-correction bias on the MoE block and hands it to the router."""
     bias = getattr(layer.mlp, "e_score_correction_bias", None)
-    _, weights, indices = layer.mlp.gate(x) if bias is None else layer.mlp.gate(x, bias)
+    _, weights, indices = router(layer)(x) if bias is None else router(layer)(x, bias)
     return weights, indices
 
 
@@ -110,6 +127,10 @@ def expert_weights(layer, e: int):
 
 def expert_output(layer, e: int, x: torch.Tensor) -> torch.Tensor:
     """Routed expert e's output f_e(x) on tokens `[T, H]` (before the router weight): `[T, H]`."""
+    experts = layer.mlp.experts
+    if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: `[E, H, 2I]` weights, biases, its own gate function
+        mid = experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
+        return mid @ experts.down_proj[e] + experts.down_proj_bias[e]
     gate, up, down = expert_weights(layer, e)
     return (layer.mlp.experts.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
 
@@ -131,7 +152,7 @@ def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_r
     layer is held about once, not three times."""
     prefix = f"{arch.layers_prefix}.{layer_idx}."
     state = {}
-    if num_routed:
+    if num_routed and arch.expert_names:  # (gpt-oss stores its experts fused already)
         first = tensors[arch.expert_key(layer_idx, 0, 0) + ".weight"]
         inter, hidden = first.shape
         gate_up = torch.empty(num_routed, 2 * inter, hidden, dtype=first.dtype)
@@ -161,8 +182,17 @@ def positions(model, h: torch.Tensor) -> dict:
 
 
 class _Zero(torch.nn.Module):
+    def __init__(self, scores: bool):
+        super().__init__()
+        self.scores = scores
+
     def forward(self, x):
-        return torch.zeros_like(x)
+        return (torch.zeros_like(x), None) if self.scores else torch.zeros_like(x)
+
+
+def _mlp(layer, x):
+    y = layer.mlp(x)
+    return y[0] if isinstance(y, tuple) else y  # gpt-oss's MoE block returns (hidden, router scores)
 
 
 def attention_residual(layer, h: torch.Tensor, **positions) -> torch.Tensor:
@@ -170,7 +200,7 @@ def attention_residual(layer, h: torch.Tensor, **positions) -> torch.Tensor:
     the token mixer (softmax attention, MLA, Qwen3-Next's gated DeltaNet, Kimi-Linear's KDA): the layer's
     own forward with its MLP block answering zero."""
     mlp = layer.mlp
-    layer.mlp = _Zero()
+    layer.mlp = _Zero(scores=hasattr(mlp, "router"))
     try:
         return layer(h, attention_mask=None, **positions)
     finally:
@@ -185,7 +215,7 @@ def moe_input(layer, residual: torch.Tensor) -> torch.Tensor:
 
 def moe_output(layer, residual: torch.Tensor) -> torch.Tensor:
     """The second half of a decoder layer: residual + MoE block(post-attention norm(residual))."""
-    return residual + layer.mlp(layer.post_attention_layernorm(residual))
+    return residual + _mlp(layer, layer.post_attention_layernorm(residual))
 
 
 def post_attention_states(layer, h: torch.Tensor, **positions) -> torch.Tensor:
@@ -198,6 +228,12 @@ def check_quantizable(model, group_size: int):
     moe = [layer for layer in model.model.layers if is_moe(layer)]
     if not moe:
         raise InputError(f"{model.config.model_type} model has no MoE layers with routed experts: nothing to quantize")
+    why = getattr(ARCHS.get(model.config.model_type), "no_quantize", "")
+    if why:
+        hidden = model.config.hidden_size
+        if hidden % group_size:  # the shipped gpt-oss: 2880 = 22.5 groups of 128
+            why = f"its hidden_size {hidden} is not a multiple of --group-size {group_size}, and " + why
+        raise InputError(f"{model.config.model_type} cannot be quantized to 2 bits: {why}")
     if not 16 <= group_size <= 1024 or group_size & (group_size - 1):
         raise InputError(f"--group-size must be a power of two in [16, 1024], got {group_size}")
     _, inter2, hidden = moe[0].mlp.experts.gate_up_proj.shape

@@ -121,7 +121,7 @@ def separated(reap: torch.Tensor, kept: list, groups: int) -> bool:
 def sliced_module_state(arch, layer, kept: list) -> dict:
     """The layer's state dict with the router's and the routed experts' tensors cut to the kept experts."""
     E = adapter.num_experts(layer)
-    per_expert = ("mlp.gate.", "mlp.experts.", *(arch.module_name(t) for t in arch.expert_rows))
+    per_expert = (arch.module_name(arch.router) + ".", "mlp.experts.", *(arch.module_name(t) for t in arch.expert_rows))
     state = {}
     for name, t in layer.state_dict().items():
         cut = name.startswith(per_expert) and t.dim() > 0 and t.shape[0] == E
@@ -136,12 +136,13 @@ def layer_tensors(ckpt, arch, i: int, kept: list | None, E: int) -> dict:
     tensors = ckpt.raw(sorted(k for k in ckpt.files if k.startswith(prefix)))
     if kept is None:
         return tensors
-    experts = prefix + arch.expert_names[0].split("{e}")[0]  # "model.layers.i.mlp.experts."
+    # per-expert tensors "model.layers.i.mlp.experts.E.*" (none where the experts are stored fused: gpt-oss)
+    experts = prefix + arch.expert_names[0].split("{e}")[0] if arch.expert_names else None
     rows = (prefix + arch.router + ".", *(prefix + t for t in arch.expert_rows))  # one row per expert
     new_index = {e: n for n, e in enumerate(kept)}
     out = {}
     for name, t in tensors.items():
-        if name.startswith(experts):
+        if experts and name.startswith(experts):
             e, _, tail = name[len(experts):].partition(".")
             if int(e) in new_index:
                 out[f"{experts}{new_index[int(e)]}.{tail}"] = t

@@ -49,7 +49,7 @@ class Checkpoint:
         # "P.weight" -> (compressor, scheme, {part: on-disk name}); the output names part p "P.p"
         self.compressed = quantized_modules(self.root, self.files)
         for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
-            file = self.files[parts["weight_packed" if "weight_packed" in parts else "weight"]]
+            file = self.files[next(iter(parts.values()))]
             for disk_name in parts.values():
                 del self.where[disk_name]
             self.where[name] = file
@@ -98,11 +98,11 @@ class Checkpoint:
         compressed-tensors names: block FP8's `weight_scale_inv` is its `weight_scale`)."""
         disk = {}
         for name in names:
-            if name in self.compressed:
+            if name in self.compressed and self.compressed[name][1] is not None:  # described by a scheme
                 prefix = name[: -len(".weight")]
                 disk.update({d: f"{prefix}.{part}" for part, d in self.compressed[name][2].items()})
             else:
-                disk[name] = name
+                disk.update({d: d for d in (self.compressed[name][2].values() if name in self.compressed else [name])})
         return {disk[k]: t for k, t in self.raw(list(disk), "cpu").items()}
 
     def layer_keys(self, arch: adapter.Arch, i: int) -> list:
@@ -144,6 +144,16 @@ def check_shards(where: dict):
             raise InputError(f"shard {path.name} lacks {lost[0]} (and {len(lost) - 1} more) that the index puts there")
 
 
+class MXFP4:
+    """gpt-oss's MXFP4 experts, decoded by transformers' own MXFP4 dequantizer into the module's layout."""
+
+    @staticmethod
+    def decompress(parts: dict, scheme=None) -> dict:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        return {"weight": convert_moe_packed_tensors(parts["blocks"], parts["scales"])}
+
+
 def source_quantization(root: Path):
     """The source's quantization_config, wherever it sits (top level, or a multimodal wrapper's text_config)."""
     config = json.loads((root / "config.json").read_text())
@@ -162,6 +172,9 @@ def quantized_modules(root: Path, where: dict) -> dict:
     from compressed_tensors.quantization.quant_scheme import FP8_BLOCK
 
     method = qc.get("quant_method")
+    if method == "mxfp4":  # gpt-oss: fused experts `P_blocks` (e2m1 pairs) + `P_scales` (e8m0 per 32), no scheme
+        return {k[: -len("_blocks")]: (MXFP4, None, {"blocks": k, "scales": k[: -len("_blocks")] + "_scales"})
+                for k in where if k.endswith("_blocks")}
     if method == "fp8":
         block = qc.get("weight_block_size")
         if list(block or []) != [128, 128] or qc.get("activation_scheme", "dynamic") != "dynamic":

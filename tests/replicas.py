@@ -236,5 +236,50 @@ def kimi_k25_int4(dst: Path) -> Path:
     return dst
 
 
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4(w: torch.Tensor):
+    """Fused experts `[E, out, in]` as gpt-oss ships them: per 32 inputs one e8m0 exponent (`_scales`, uint8,
+    biased by 127) and e2m1 codes, two per byte, the even element in the low nibble (`_blocks`
+    `[E, out, in/32, 16]`)."""
+    g = w.float().unflatten(-1, (-1, 32))
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=2.0 ** -126) / 6.0)).clamp(-127, 127)
+    v = g / torch.exp2(exp)[..., None]
+    code = (v.abs()[..., None] - FP4_VALUES).abs().argmin(-1) + 8 * (v < 0)
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exp + 127).to(torch.uint8)
+
+
+def gpt_oss_mxfp4(dst: Path) -> Path:
+    """gpt-oss as shipped: MXFP4 fused experts (`mlp.experts.gate_up_proj_blocks/_scales` with gate and up
+    interleaved, `_bias`), bf16 attention with sinks and biases, router `mlp.router` with a bias, sliding
+    and full attention layers; `quantization_config` {quant_method: mxfp4} as published."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(**COMMON, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, head_dim=64,
+                          sliding_window=64)
+    model = GptOssForCausalLM(config)
+    with torch.no_grad():  # gpt-oss's init leaves the experts at zero; a checkpoint's are not
+        for layer in model.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.normal_(0, 0.05)
+    dst.mkdir(parents=True)
+    tensors = saved(model, dst)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name + "_blocks"], out[name + "_scales"] = mxfp4(t.transpose(1, 2))
+        else:
+            out[name] = t
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    published = json.loads((dst / "config.json").read_text())
+    published["quantization_config"] = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                   "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+    (dst / "config.json").write_text(json.dumps(published, indent=2))
+    return dst
+
+
 BUILDERS = {"deepseek_v3": deepseek_v3_fp8, "kimi_k25": kimi_k25_int4, "minimax_m2": minimax_m2_fp8,
             "kimi_linear": kimi_linear, "qwen3_next": qwen3_next, "qwen3_moe": qwen3_moe, "mixtral": mixtral}

@@ -206,7 +206,7 @@ def _scales_dropped(src):
 
 @pytest.mark.parametrize("damage, line", [
     (_unknown_method, "error: source quantization 'gptq' is not supported (gsq reads bf16/fp16/fp32, block FP8 "
-                      "(quant_method fp8) and compressed-tensors checkpoints)"),
+                      "(quant_method fp8), MXFP4 (gpt-oss) and compressed-tensors checkpoints)"),
     (_no_config, "is stored in a quantized format gsq cannot read (suffix 'weight_scale_inv' with no "
                  "quantization_config that explains it)"),
     (_unknown_suffix, "error: tensor model.layers.1.self_attn.o_proj.qweight is stored in a quantized format gsq "
@@ -224,3 +224,45 @@ def test_unreadable_sources_are_refused_before_any_work(damage, line, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].endswith(line) and len(proc.stderr.strip().splitlines()) == 1
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+# gpt-oss-20b's config.json as published (the fields that shape the experts)
+GPT_OSS_20B = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+               "intermediate_size": 2880, "num_hidden_layers": 24, "num_local_experts": 32, "experts_per_token": 4,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 201088,
+               "swiglu_limit": 7.0, "sliding_window": 128, "max_position_embeddings": 131072,
+               "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                   "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+
+
+def test_gpt_oss_prunes_and_refuses_2_bit_in_one_line(tmp_path):
+    src = replicas.gpt_oss_mxfp4(tmp_path / "src")
+    source = weight_map(src)
+    name = "model.layers.1.mlp.experts.down_proj"
+    dense = stream.Checkpoint(src).load([name])[name]  # transformers' MXFP4 decoder, in the module's layout
+    blocks, scales = tensor(source, name + "_blocks"), tensor(source, name + "_scales")
+    codes = torch.stack([blocks & 15, blocks >> 4], -1).flatten(-2).long()  # even element in the low nibble
+    values = torch.cat([replicas.FP4_VALUES, -replicas.FP4_VALUES])[codes] * torch.exp2(scales.float() - 127)[..., None]
+    assert torch.equal(dense.float(), values.flatten(-2).transpose(1, 2))
+
+    pruned = tmp_path / "reap4"
+    proc = subprocess.run([sys.executable, "-m", "gsq.prune", "--model", str(src), "--out", str(pruned), "--keep", "4",
+                           *CALIB_DATA, "--num-samples", "8", "--seqlen", "64"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where = weight_map(pruned)
+    for t in ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias", "down_proj_blocks", "down_proj_bias"):
+        assert tensor(where, f"model.layers.0.mlp.experts.{t}").shape[0] == 4  # MXFP4 rows sliced, not re-encoded
+    assert tensor(where, "model.layers.1.mlp.router.bias").shape == (4,)
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(pruned), "--reference", str(src), "--data-file",
+                           str(WIKI_TEST), "--seqlen", "64", "--max-windows", "2", "--json"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and 0 < json.loads(proc.stdout.strip().splitlines()[-1])["kl"], proc.stderr[-3000:]
+
+    real = tmp_path / "gpt-oss-20b"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps(GPT_OSS_20B))
+    for model, why in ((src, "its experts carry biases"), (real, "its hidden_size 2880 is not a multiple of --group-size 128")):
+        proc = quantize("--out", str(tmp_path / "w2"), *CALIB_DATA, model=model)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("error: gpt_oss cannot be quantized to 2 bits: " + why)
+        assert not (tmp_path / "w2").exists() and not (tmp_path / "w2.partial").exists()

@@ -84,8 +84,8 @@ def test_saliency_is_the_router_weighted_output_norm(tiny):
     torch.manual_seed(0)
     hidden = torch.randn(2, 64, model.config.hidden_size).to(torch.bfloat16)
     ours, count = prune.saliency(skeleton, layer, hidden, "cpu")
-    x = adapter.post_attention_states(layer, hidden.float(), torch.arange(64)[None],
-                                      skeleton.model.rotary_emb(hidden.float(), torch.arange(64)[None]))
+    x = adapter.post_attention_states(layer, hidden.float(), position_ids=torch.arange(64)[None],
+                                      position_embeddings=skeleton.model.rotary_emb(hidden.float(), torch.arange(64)[None]))
     _, weights, indices = layer.mlp.gate(x)
     total, n = torch.zeros(8, dtype=torch.float64), torch.zeros(8)
     for t in range(x.shape[0]):
