@@ -48,6 +48,8 @@ class Checkpoint:
         self.files = dict(self.where)  # on-disk names
         # "P.weight" -> (compressor, scheme, {part: on-disk name}); the output names part p "P.p"
         self.compressed = quantized_modules(self.root, self.files)
+        config = json.loads((self.root / "config.json").read_text())
+        self.dtype = model_dtype(config.get("text_config") or config)  # what decoded tensors are held in
         for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
             file = self.files[next(iter(parts.values()))]
             for disk_name in parts.values():
@@ -87,7 +89,8 @@ class Checkpoint:
             if name in self.compressed:
                 compressor, scheme, parts = self.compressed[name]
                 local = {part: out.pop(disk_name) for part, disk_name in parts.items()}
-                out[name] = compressor.decompress(local, scheme)["weight"]
+                # in the model's dtype at once: a layer's decoded experts never sit in float32 together
+                out[name] = compressor.decompress(local, scheme)["weight"].to(self.dtype)
         for name, t in out.items():
             if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
                 raise InputError(f"tensor {name} holds NaN or inf ({self.where[name].name})")
@@ -187,7 +190,7 @@ def quantized_modules(root: Path, where: dict) -> dict:
                 for m in modules}
     if method != "compressed-tensors":
         raise InputError(f"source quantization '{method}' is not supported (gsq reads bf16/fp16/fp32, "
-                         "block FP8 (quant_method fp8) and compressed-tensors checkpoints)")
+                         "block FP8 (quant_method fp8), MXFP4 (gpt-oss) and compressed-tensors checkpoints)")
     qc = QuantizationConfig.model_validate(qc)
     modules = {}
     for prefix in sorted(k[: -len(".weight_scale")] for k in where if k.endswith(".weight_scale")):
@@ -211,8 +214,10 @@ def quantized_modules(root: Path, where: dict) -> dict:
 
 
 def model_dtype(config) -> torch.dtype:
-    """The dtype the model's weights are stored and trained in (config `dtype`, default bf16)."""
-    dtype = getattr(config, "dtype", None) or torch.bfloat16
+    """The dtype the model's weights are stored and trained in (config `dtype`, default bf16); `config` a
+    transformers config or config.json's dict."""
+    dtype = (config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict)
+             else getattr(config, "dtype", None)) or torch.bfloat16
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 

@@ -281,5 +281,27 @@ def gpt_oss_mxfp4(dst: Path) -> Path:
     return dst
 
 
-BUILDERS = {"deepseek_v3": deepseek_v3_fp8, "kimi_k25": kimi_k25_int4, "minimax_m2": minimax_m2_fp8,
+def deepseek_v3_ct_fp8(dst: Path) -> Path:
+    """DeepSeek-V3 block FP8 as llm-compressor writes it: compressed-tensors `float-quantized`, FP8_BLOCK
+    scheme, the scale named `weight_scale`."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import FP8_BLOCK
+
+    deepseek_v3_fp8(dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(dst / shard)
+        save_file({k.replace("weight_scale_inv", "weight_scale"): v for k, v in tensors.items()}, dst / shard,
+                  metadata={"format": "pt"})
+    index["weight_map"] = {k.replace("weight_scale_inv", "weight_scale"): v for k, v in index["weight_map"].items()}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], **FP8_BLOCK)}, format="float-quantized",
+        ignore=["lm_head", r"re:.*mlp\.gate$", r"re:.*eh_proj$", r"re:.*shared_head.*"]).model_dump()
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+BUILDERS = {"deepseek_v3": deepseek_v3_fp8, "deepseek_v3_ct": deepseek_v3_ct_fp8, "kimi_k25": kimi_k25_int4, "minimax_m2": minimax_m2_fp8,
             "kimi_linear": kimi_linear, "qwen3_next": qwen3_next, "qwen3_moe": qwen3_moe, "mixtral": mixtral}

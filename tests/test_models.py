@@ -34,13 +34,17 @@ VLLM = {
     "qwen3_moe": ("model.layers.{l}.mlp.experts.{e}.{p}", STD, "model.layers.{l}.mlp.experts.0.{p}", STD),
     "mixtral": ("model.layers.{l}.block_sparse_moe.experts.{e}.{p}", W, "model.layers.{l}.block_sparse_moe.experts.0.{p}", W),
 }
-MOE_LAYERS = {"deepseek_v3": [1, 2], "kimi_k25": [1, 2], "minimax_m2": [0, 1], "kimi_linear": [1, 2, 3],
+VLLM["deepseek_v3_ct"] = VLLM["deepseek_v3"]  # the same model, its FP8 written by llm-compressor
+MOE_LAYERS = {"deepseek_v3": [1, 2], "deepseek_v3_ct": [1, 2], "kimi_k25": [1, 2], "minimax_m2": [0, 1], "kimi_linear": [1, 2, 3],
               "qwen3_next": [0, 1, 2, 3], "qwen3_moe": [0, 1], "mixtral": [0, 1]}
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 # transformers 5.24 cannot load any compressed-tensors Kimi-Linear checkpoint: its dequantizing loader feeds
 # the KDA layers' q/k/v_conv1d concatenation nothing (CompressedTensorsDequantize takes the converter's
 # per-source dict for an experts one)
 TRANSFORMERS_CANNOT = {"kimi_linear": "transformers 5.24 loads no compressed-tensors Kimi-Linear checkpoint"}
+# ... nor a compressed-tensors block-FP8 MoE source (the reference here): it multiplies each FP8 expert by its
+# [out/128, in/128] scale grid without expanding it to the blocks
+NO_REFERENCE = {"deepseek_v3_ct": "transformers 5.24 loads no compressed-tensors block-FP8 MoE checkpoint"}
 
 
 @pytest.fixture(scope="module", params=list(VLLM))
@@ -104,15 +108,17 @@ def test_checkpoint_as_vllm_and_compressed_tensors_read_it(run):
 
     source = weight_map(src)
     renamed = {k[: -len("_inv")] if k.endswith("weight_scale_inv") else k: k for k in source}
+    if kind.startswith("deepseek_v3"):
+        assert sum(k.endswith("weight_scale") for k in where) > 50  # the FP8 modules kept their scales
     for name in where:  # everything not re-quantized: byte-identical to the source's tensor
         if name.rsplit(".", 1)[0] not in quantized:
             a, b = tensor(where, name), tensor(source, renamed[name])
             assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
 
 
-def expect_upstream_failure(request, kind):
-    if kind in TRANSFORMERS_CANNOT:  # strict: once transformers reads it, this test says so
-        request.applymarker(pytest.mark.xfail(reason=TRANSFORMERS_CANNOT[kind], strict=True))
+def expect_upstream_failure(request, kind, known=TRANSFORMERS_CANNOT):
+    if kind in known:  # strict: once transformers reads it, this test says so
+        request.applymarker(pytest.mark.xfail(reason=known[kind], strict=True))
 
 
 def test_transformers_reads_the_experts_as_codes_times_scales(run, request):
@@ -135,7 +141,7 @@ def test_transformers_reads_the_experts_as_codes_times_scales(run, request):
 
 def test_eval_against_the_source(run, request):
     kind, src, out = run
-    expect_upstream_failure(request, kind)
+    expect_upstream_failure(request, kind, {**TRANSFORMERS_CANNOT, **NO_REFERENCE})
     proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", str(src),
                            "--data-file", str(WIKI_TEST), "--seqlen", "128", "--max-windows", "2", "--json"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -169,8 +175,9 @@ def test_fp8_experts_are_calibrated_dequantized(tmp_path):
     ckpt = stream.Checkpoint(src)
     source = weight_map(src)
     for name in ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"):
-        dense = ckpt.load([name])[name]
-        assert torch.equal(dense.float(), replicas.fp8_dequant(tensor(source, name), tensor(source, name + "_scale_inv")))
+        dense = ckpt.load([name])[name]  # held in the model's dtype, as the layer runs in it
+        expected = replicas.fp8_dequant(tensor(source, name), tensor(source, name + "_scale_inv"))
+        assert dense.dtype == torch.bfloat16 and torch.equal(dense, expected.to(torch.bfloat16))
 
 
 def _unknown_method(src):
@@ -243,7 +250,7 @@ def test_gpt_oss_prunes_and_refuses_2_bit_in_one_line(tmp_path):
     blocks, scales = tensor(source, name + "_blocks"), tensor(source, name + "_scales")
     codes = torch.stack([blocks & 15, blocks >> 4], -1).flatten(-2).long()  # even element in the low nibble
     values = torch.cat([replicas.FP4_VALUES, -replicas.FP4_VALUES])[codes] * torch.exp2(scales.float() - 127)[..., None]
-    assert torch.equal(dense.float(), values.flatten(-2).transpose(1, 2))
+    assert torch.equal(dense, values.flatten(-2).transpose(1, 2).to(torch.bfloat16))
 
     pruned = tmp_path / "reap4"
     proc = subprocess.run([sys.executable, "-m", "gsq.prune", "--model", str(src), "--out", str(pruned), "--keep", "4",
