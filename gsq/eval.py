@@ -129,6 +129,14 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
         model = auto.from_pretrained(root, dtype=torch_dtype).to(device).eval()
     except (OSError, ValueError) as exc:  # no or unreadable weights
         raise InputError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
+    except RuntimeError as exc:  # transformers' own loader fails on it (its weight conversions)
+        from gsq import adapter, stream
+
+        adapter.arch_of(config)  # a model gsq cannot read either: one line, not the traceback above
+        print(f"transformers cannot load {path} ({str(exc).splitlines()[0][:160]}); reading it with gsq's "
+              "own streaming reader", file=sys.stderr)
+        model = stream.dense_model(root, device, getattr(torch, dtype) if dtype != "auto" else
+                                   stream.model_dtype(adapter.text_config(config)))
     tokenizer = AutoTokenizer.from_pretrained(root)
     return model, tokenizer
 

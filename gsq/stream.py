@@ -267,3 +267,18 @@ def load_globals(ckpt: Checkpoint, model, arch, device, dtype):
     if getattr(model.model, "rotary_emb", None) is not None:
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
     return model
+
+
+def dense_model(root: Path, device, dtype):
+    """A supported model read whole through gsq's own streaming reader (every quantized tensor decoded by
+    compressed-tensors' or transformers' decoder, then cast to `dtype`): its causal LM, text only."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root)
+    arch = adapter.arch_of(config)
+    model = skeleton(adapter.text_config(config))
+    ckpt = Checkpoint(root)
+    load_globals(ckpt, model, arch, device, dtype)
+    for i in range(len(model.model.layers)):
+        load_layer(ckpt, model, arch, i, device, dtype)
+    return model.eval()

@@ -86,4 +86,4 @@ def test_dense_model_is_refused(tmp_path):
                            "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == \
-        "error: unsupported architecture 'llama' (supported: deepseek_v3, kimi_k25, qwen3_moe, qwen3_next, mixtral, minimax_m2, kimi_linear)"
+        "error: unsupported architecture 'llama' (supported: deepseek_v3, kimi_k25, qwen3_moe, qwen3_next, mixtral, minimax_m2, kimi_linear, gpt_oss)"
