@@ -223,6 +223,15 @@ def post_attention_states(layer, h: torch.Tensor, **positions) -> torch.Tensor:
     return moe_input(layer, attention_residual(layer, h, **positions))
 
 
+def check_context(tcfg, **lengths):
+    """Refuse window lengths (flag name -> tokens) beyond the model's context, before any work."""
+    limit = getattr(tcfg, "max_position_embeddings", None)
+    for flag, n in lengths.items():
+        if limit and n > limit:
+            raise InputError(f"--{flag.replace('_', '-')} {n} is longer than the model's context "
+                             f"(max_position_embeddings {limit})")
+
+
 def check_quantizable(model, group_size: int):
     """Refuse, before any work, a model with no routed experts or expert dims off the group size."""
     moe = [layer for layer in model.model.layers if is_moe(layer)]

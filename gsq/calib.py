@@ -24,11 +24,18 @@ def _render(doc, text_field: str, tokenizer) -> str:
     return str(doc[text_field])
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+
+
 def documents(dataset: str, text_field: str, tokenizer, enough_chars: int) -> list:
     path = Path(dataset)
     if path.suffix in (".jsonl", ".json") and path.is_file():
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     docs.append(_render(json.loads(line), text_field, tokenizer))
@@ -36,7 +43,7 @@ def documents(dataset: str, text_field: str, tokenizer, enough_chars: int) -> li
                     raise InputError(f"{dataset}:{n}: not JSON ({exc.msg})") from exc
         return docs
     if path.is_file():
-        return [path.read_text(encoding="utf-8")]
+        return [_text(path)]
     if path.suffix in (".txt", ".jsonl", ".json", ".tokens", ".raw") or dataset.startswith(("/", ".", "~")):
         raise InputError(f"calibration file not found: {dataset}")
     name, config, split = (dataset.split(":") + [None, None])[:3]

@@ -2,7 +2,10 @@
 
 import argparse
 import errno
+import shlex
+import signal
 import sys
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -25,14 +28,43 @@ def disk_full(exc: BaseException) -> bool:
         f"(os error {code})" in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
+class Stopped(Exception):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt."""
+
+
+def _terminate(signum, frame):
+    raise Stopped()
+
+
+def resume_hint(argv) -> str:
+    """Where an interrupted run's resume point is and the exact command that continues it: every file a
+    run writes is renamed into place whole, so wherever it stopped, the finished layers are kept."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = args[args.index("--out") + 1] if "--out" in args[:-1] else None
+    partial = Path(f"{out}.partial") if out else None
+    if partial is None or not partial.is_dir():
+        return "nothing was written"
+    module = getattr(sys.modules["__main__"].__spec__, "name", "gsq.quantize")
+    if module != "gsq.quantize":
+        return f"{partial} is incomplete: rerun with --overwrite"
+    again = [a for a in args if a != "--overwrite"] + ([] if "--resume" in args else ["--resume"])
+    return f"the finished layers are kept in {partial}; continue with: python -m {module} {shlex.join(again)}"
+
+
 def run_cli(main, argv=None) -> None:
     """Run a CLI entry point: an InputError becomes `error: ...` on stderr and exit status 2; a full
-    disk exit status 3, with what to do (the run's partial output stays resumable)."""
+    disk exit status 3, with what to do (the run's partial output stays resumable); Ctrl-C and SIGTERM
+    one line saying how to continue, exit status 130 and 143."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"\nerror: stopped by {signum.name}: {resume_hint(argv)}", file=sys.stderr)
+        sys.exit(128 + signum)
     except Exception as exc:
         if not disk_full(exc):
             raise

@@ -107,17 +107,24 @@ def check_model_dir(path: str) -> Path:
     return root
 
 
+def model_config(root: Path):
+    """transformers' config of the model in `root`; an unreadable config.json is one line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0][:200]}") from exc
+
+
 def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     root = check_model_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(root)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+    config = model_config(root)
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         auto = AutoModelForCausalLM
     elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "text_config"):
@@ -137,8 +144,17 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
               "own streaming reader", file=sys.stderr)
         model = stream.dense_model(root, device, getattr(torch, dtype) if dtype != "auto" else
                                    stream.model_dtype(adapter.text_config(config)))
+    return model, load_tokenizer(root)
+
+
+def load_tokenizer(root):
+    """The model's tokenizer, for whole corpora: texts are tokenized in one piece and then cut into
+    windows, so its maximum length (and transformers' warning about it) does not apply."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(root)
-    return model, tokenizer
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None,

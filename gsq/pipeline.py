@@ -26,7 +26,8 @@ from gsq import acts, adapter, dist, experts, export, plan, stream
 from gsq import calib as calibration
 from gsq.config import Config
 from gsq.errors import InputError
-from gsq.eval import check_model_dir, eval_windows, pick_device, summarize, window_sums, wikitext_rows
+from gsq.eval import (check_model_dir, eval_windows, load_tokenizer, model_config, pick_device, summarize,
+                      window_sums, wikitext_rows)
 
 def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
@@ -96,21 +97,30 @@ def dtypes(tcfg, device):
     return dtype, torch.float32 if device.type == "cpu" else dtype
 
 
-def prepare_output(cfg: Config, src: Path) -> Path:
+def check_output(cfg: Config, src: Path) -> Path:
+    """The output's `.partial` directory, after checking `--out` (creates nothing)."""
     out = Path(cfg.out)
     if not cfg.out:
         raise InputError("--out DIR is required")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise InputError(f"--out {out} is inside the source model {src}: the source is never written to")
     root = export.partial_dir(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory")
     if out.exists() and not (cfg.overwrite or cfg.resume):
         raise InputError(f"output {out} exists: pass --overwrite to replace it")
-    if root.exists() and not cfg.resume:
-        if not cfg.overwrite:
-            raise InputError(f"an interrupted run is in {root}: pass --resume to continue it or --overwrite")
-        shutil.rmtree(root)
+    if root.exists() and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"an interrupted run is in {root}: pass --resume to continue it or --overwrite")
     if cfg.resume and out.exists() and not root.exists():
         raise InputError(f"output {out} is already complete: nothing to resume")
+    return root
+
+
+def prepare_output(cfg: Config, src: Path) -> Path:
+    """`check_output`, then the `.partial` directory made (an old one replaced under --overwrite)."""
+    root = check_output(cfg, src)
+    if root.exists() and not cfg.resume:
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -128,11 +138,10 @@ def run(cfg: Config) -> dict:
     device = torch.device(dist.init(pick_device(cfg.device)))  # under torchrun: this rank's device
     writer = dist.is_writer()  # rank 0 writes the checkpoint
     src = check_model_dir(cfg.model)
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(src)
+    config = model_config(src)
     arch = adapter.arch_of(config)
     tcfg = adapter.text_config(config)
+    adapter.check_context(tcfg, seqlen=cfg.seqlen, **({"eval_seqlen": cfg.eval_seqlen} if cfg.eval_every else {}))
     model = stream.skeleton(tcfg)
     adapter.check_quantizable(model, cfg.group_size)
     dtype, compute = dtypes(tcfg, device)
@@ -142,13 +151,17 @@ def run(cfg: Config) -> dict:
     memory = dist.on_writer(plan.plan, setup, cfg)  # rank 0's: every rank must group the experts alike
     plan.check(memory)  # a run that cannot fit is refused here, before any work
     ckpt = stream.Checkpoint(src)
-    root = dist.on_writer(prepare_output, cfg, src)
-    work = root / ".gsq-work"
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    stream.load_globals(ckpt, model, arch, device, compute)
-    windows = None
+    resuming = cfg.resume and (dist.on_writer(check_output, cfg, src) / ".gsq-work" / "state.json").exists()
+    tokenizer = load_tokenizer(src)
+    ids = note = windows = None  # the data, read and checked before anything is written
+    if not resuming:
+        ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
+                                                cfg.seqlen, cfg.seed)
     if cfg.eval_every:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None, "--eval-data"), cfg.eval_seqlen, cfg.eval_windows)
+    root = dist.on_writer(prepare_output, cfg, src)
+    work = root / ".gsq-work"
+    stream.load_globals(ckpt, model, arch, device, compute)
     n_layers, hidden_size = len(model.model.layers), tcfg.hidden_size
     placement = memory.placement  # on a CPU, "device" is host memory
     calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden_size), placement, device, dtype, work)
@@ -158,7 +171,7 @@ def run(cfg: Config) -> dict:
         evals = acts.Activations("eval", (windows.shape[0], cfg.eval_seqlen, hidden_size), placement, device, dtype, work)
         stores.append(evals)
 
-    if cfg.resume and (work / "state.json").exists():
+    if resuming:
         state = json.loads((work / "state.json").read_text())
         start, record = state["next_layer"], state["record"]
         if writer:
@@ -169,8 +182,6 @@ def run(cfg: Config) -> dict:
         if writer:
             print(f"resuming {root} at layer {start} of {n_layers}")
     else:
-        ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
-                                                cfg.seqlen, cfg.seed)
         start, record = 0, {"calibration": note, "layers": [], "ppl": []}
         with torch.no_grad():
             for store, tokens in ((calib, ids), (evals, windows)):

@@ -280,14 +280,13 @@ def check(p: Plan):
 
 def dry_run(cfg):
     """`--dry-run`: print the plan; exit 2 with one error line when it does not fit."""
-    from transformers import AutoConfig
-
     from gsq import stream
-    from gsq.eval import check_model_dir
+    from gsq.eval import check_model_dir, model_config
 
     src = check_model_dir(cfg.model)
-    config = AutoConfig.from_pretrained(src)
+    config = model_config(src)
     tcfg = adapter.text_config(config)
+    adapter.check_context(tcfg, seqlen=cfg.seqlen)
     model = stream.skeleton(tcfg)
     adapter.check_quantizable(model, cfg.group_size)
     ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))

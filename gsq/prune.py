@@ -28,8 +28,8 @@ from tqdm import tqdm
 from gsq import adapter, calib, export, stream
 from gsq.config import Config, build_parser, from_args
 from gsq.errors import InputError, run_cli
-from gsq.eval import check_model_dir, pick_device
-from gsq.pipeline import dtypes, map_large_host_buffers, prepare_output, release_host_memory
+from gsq.eval import check_model_dir, load_tokenizer, model_config, pick_device
+from gsq.pipeline import check_output, dtypes, map_large_host_buffers, prepare_output, release_host_memory
 
 CHUNK = 8  # windows per forward pass through a layer (prune keeps its calibration set in one tensor)
 
@@ -162,11 +162,10 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     device = torch.device(pick_device(cfg.device))
     src = check_model_dir(cfg.model)
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(src)
+    config = model_config(src)
     arch = adapter.arch_of(config)
     tcfg = adapter.text_config(config)
+    adapter.check_context(tcfg, seqlen=cfg.seqlen)
     model = stream.skeleton(tcfg)
     moe = [j for j, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
     if not moe:
@@ -178,12 +177,13 @@ def run(cfg: Config) -> dict:
     setattr(pruned_cfg, arch.n_experts_key, keep)
     pruned = stream.skeleton(pruned_cfg)  # the layers as they will be, for passing activations on
     ckpt = stream.Checkpoint(src)
+    check_output(cfg, src)
+    ids, note = calib.calibration_ids(load_tokenizer(src), cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen,
+                                      cfg.seed)  # read and checked before anything is written
     root = prepare_output(cfg, src)
     dtype, compute = dtypes(tcfg, device)
     store = device  # the activations: on the GPU, or in host memory
-    tokenizer = AutoTokenizer.from_pretrained(src)
     stream.load_globals(ckpt, model, arch, device, compute)
-    ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
     print(f"calibration: {note}; keeping {keep} of {E} routed experts per layer by {cfg.criterion}")
     with torch.no_grad():
         hidden = model.model.embed_tokens(ids.to(device)).to(store, dtype)

@@ -160,3 +160,80 @@ def test_small_calibration_set_is_reported(tmp_path):
         assert any(joined[s : s + 8] == row for s in range(len(joined) - 7))
     with pytest.raises(Exception, match="fewer than one --seqlen"):
         calibration_ids(tokenizer, str(data), "text", 4, 4096, 0)
+
+
+def test_not_utf8_calibration_is_one_line(tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_bytes("The cat sat on the mat. ".encode() * 50 + b"\xff\xfe bad bytes")
+    one_error_line(quantize("--out", str(tmp_path / "out"), *FAST, "--dataset", str(data)), "is not UTF-8 text")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_seqlen_beyond_the_context_is_refused(tmp_path):
+    one_error_line(quantize("--out", str(tmp_path / "out"), *FAST, "--seqlen", "100000"),
+                   "--seqlen 100000 is longer than the model's context (max_position_embeddings 4096)")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_out_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    one_error_line(quantize("--out", str(tmp_path / "out"), *FAST, "--overwrite"), "is a file, not a directory")
+    assert not (tmp_path / "out.partial").exists() and (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_unreadable_config_is_one_line(tmp_path):
+    src = tiny_copy(tmp_path / "src")
+    (src / "config.json").write_text('{"model_type": "deepseek_v3", ')
+    one_error_line(quantize("--out", str(tmp_path / "out"), *FAST, model=src), "cannot read", "config.json")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_sigterm_says_how_to_continue_and_that_resumes_to_the_same_bytes(quantized, tmp_path):
+    import shlex
+    import signal
+
+    from conftest import kill_after_layer
+
+    out = tmp_path / "q"
+    proc = quantize("--out", str(out), *FAST, wait=False)
+    kill_after_layer(proc, out.with_name("q.partial") / ".gsq-work" / "state.json", 2,
+                     kill=lambda: proc.send_signal(signal.SIGTERM))
+    err = proc.stderr.read()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert lines[-1].startswith(f"error: stopped by SIGTERM: the finished layers are kept in {out}.partial; "
+                                "continue with: python -m gsq.quantize ")
+    command = shlex.split(lines[-1].split("continue with: ", 1)[1])
+    assert command[-1] == "--resume" and command[:2] == ["python", "-m"]
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(out) == digest(quantized)
+
+
+def test_ctrl_c_before_any_output_says_nothing_was_written(tmp_path):
+    import signal
+    import time
+
+    proc = quantize("--out", str(tmp_path / "out"), *FAST, wait=False)
+    time.sleep(3)  # still importing or planning
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] in ("error: stopped by SIGINT: nothing was written", ) or \
+        err.strip().splitlines()[-1].startswith("error: stopped by SIGINT: the finished layers are kept in")
+
+
+@pytest.mark.parametrize("tool", ["gsq.quantize", "gsq.prune"])
+def test_bad_calibration_leaves_nothing_and_the_rerun_starts(tool, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    extra = ["--keep", "4"] if tool == "gsq.prune" else ["--eval-every", "0"]
+    cmd = [sys.executable, "-m", tool, "--model", str(TINY_MODEL), "--out", str(out), *extra,
+           "--num-samples", "8", "--seqlen", "64"]
+    one_error_line(subprocess.run([*cmd, "--dataset", str(empty)], cwd=ROOT, env=ENV, capture_output=True, text=True))
+    assert not out.exists() and not out.with_name("out.partial").exists()  # so a rerun is not "interrupted"
+    if tool == "gsq.prune":  # (quantize's rerun with good data is every other test)
+        good = subprocess.run([*cmd, *FAST[:2]], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert good.returncode == 0, good.stderr[-2000:]
