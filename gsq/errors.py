@@ -29,11 +29,16 @@ def disk_full(exc: BaseException) -> bool:
 
 
 class Stopped(Exception):
-    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt."""
+    """Ctrl-C or SIGTERM, raised where the process is (for both, gsq's own exception rather than
+    KeyboardInterrupt, which Python turns into death by SIGINT at exit)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
 
 
-def _terminate(signum, frame):
-    raise Stopped()
+def _stop(signum, frame):
+    raise Stopped(signum)
 
 
 def resume_hint(argv) -> str:
@@ -55,16 +60,22 @@ def run_cli(main, argv=None) -> None:
     """Run a CLI entry point: an InputError becomes `error: ...` on stderr and exit status 2; a full
     disk exit status 3, with what to do (the run's partial output stays resumable); Ctrl-C and SIGTERM
     one line saying how to continue, exit status 130 and 143."""
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     try:
         main(argv)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, Stopped) as exc:
-        signum = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT
-        print(f"\nerror: stopped by {signum.name}: {resume_hint(argv)}", file=sys.stderr)
-        sys.exit(128 + signum)
+    except Stopped as exc:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C while this is said changes nothing
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # closed now, so nothing is drawn after the line below
+            bar.close()
+        print(f"\nerror: stopped by {exc.signum.name}: {resume_hint(argv)}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         if not disk_full(exc):
             raise
