@@ -1,4 +1,4 @@
-"""GSQ: learn each routed expert's grid codes with a Gumbel-Softmax relaxation (../shared/docs/gsq-method.md).
+"""GSQ: learn each routed expert's grid codes with a Gumbel-Softmax relaxation (the method as the paper describes it, arXiv 2604.18556).
 
 A batch of E experts of one layer is one problem: logits `[E, out, in, L]` and signed scales
 `[E, out, in / G]` for gate, up and down, trained together so that the relaxed SwiGLU expert
