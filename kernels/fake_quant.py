@@ -1,6 +1,6 @@
 """Fused Gumbel-Softmax fake-quant: soft weights forward, logit and scale gradients backward.
 
-GSQ's hot spot (../shared/docs/gsq-method.md). Per weight (row m, column n) there are L logits
+GSQ's hot spot (arXiv 2604.18556). Per weight (row m, column n) there are L logits
 `l[m, n, k]`, one per grid level `v[k]` (or, with `base` codes, per local shift: level
 `base[m, n] + v[k]`, levels outside [qmin, qmax] excluded). With Gumbel noise `g`:
 
