@@ -49,9 +49,7 @@ def resume_hint(argv) -> str:
     partial = Path(f"{out}.partial") if out else None
     if partial is None or not partial.is_dir():
         return "nothing was written"
-    module = getattr(sys.modules["__main__"].__spec__, "name", "gsq.quantize")
-    if module != "gsq.quantize":
-        return f"{partial} is incomplete: rerun with --overwrite"
+    module = getattr(sys.modules["__main__"].__spec__, "name", "gsq.quantize")  # gsq.quantize or gsq.prune
     again = [a for a in args if a != "--overwrite"] + ([] if "--resume" in args else ["--resume"])
     return f"the finished layers are kept in {partial}; continue with: python -m {module} {shlex.join(again)}"
 

@@ -117,6 +117,20 @@ def model_config(root: Path):
         raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def check_weights(root: Path, config):
+    """The checks every gsq tool makes on a model's weights before reading them (gsq.stream): shards whole,
+    quantized formats known, packed bit widths as configured, shapes as config.json describes (for a supported
+    architecture)."""
+    from gsq import adapter, stream
+
+    ckpt = stream.Checkpoint(root)
+    try:
+        arch = adapter.arch_of(config)
+    except InputError:  # not a MoE gsq quantizes: transformers' loader checks the rest
+        return
+    stream.check_shapes(ckpt, stream.skeleton(adapter.text_config(config)), arch)
+
+
 def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -131,6 +145,7 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
         auto = AutoModelForImageTextToText  # a multimodal wrapper (Kimi-K2.5): text-only input runs its language model
     else:
         raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
+    check_weights(root, config)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         model = auto.from_pretrained(root, dtype=torch_dtype).to(device).eval()

@@ -22,10 +22,6 @@ COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_con
                           r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json)$")
 
 
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
 def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, container: int) -> dict:
     """The three tensors of one quantized Linear, `key` without `.weight`."""
     return {f"{key}.weight_packed": pack(codes, container).cpu(),

@@ -33,9 +33,12 @@ def inspect(path: Path) -> dict:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.utils.match import match_name
 
+    from gsq.stream import Checkpoint
+
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{path} is not a checkpoint directory (no config.json)")
+    Checkpoint(path)  # shards whole, formats known, packed widths as configured: refused in one line if not
     qc = json.loads(config_file.read_text()).get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")

@@ -15,17 +15,15 @@ pass the quantized layer's outputs on, write the checkpoint as it goes, watch pe
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, dist, experts, export, plan, stream
+from gsq import acts, adapter, dist, experts, export, partial, plan, stream
 from gsq import calib as calibration
 from gsq.config import Config
-from gsq.errors import InputError
 from gsq.eval import (check_model_dir, eval_windows, load_tokenizer, model_config, pick_device, summarize,
                       window_sums, wikitext_rows)
 
@@ -97,42 +95,6 @@ def dtypes(tcfg, device):
     return dtype, torch.float32 if device.type == "cpu" else dtype
 
 
-def check_output(cfg: Config, src: Path) -> Path:
-    """The output's `.partial` directory, after checking `--out` (creates nothing)."""
-    out = Path(cfg.out)
-    if not cfg.out:
-        raise InputError("--out DIR is required")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise InputError(f"--out {out} is inside the source model {src}: the source is never written to")
-    root = export.partial_dir(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a directory")
-    if out.exists() and not (cfg.overwrite or cfg.resume):
-        raise InputError(f"output {out} exists: pass --overwrite to replace it")
-    if root.exists() and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"an interrupted run is in {root}: pass --resume to continue it or --overwrite")
-    if cfg.resume and out.exists() and not root.exists():
-        raise InputError(f"output {out} is already complete: nothing to resume")
-    return root
-
-
-def prepare_output(cfg: Config, src: Path) -> Path:
-    """`check_output`, then the `.partial` directory made (an old one replaced under --overwrite)."""
-    root = check_output(cfg, src)
-    if root.exists() and not cfg.resume:
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def save_state(work: Path, next_layer: int, record: dict):
-    """The resume point before `next_layer` (its activations are committed already): progress, written
-    whole and renamed, then older activations removed."""
-    (work / "state.tmp").write_text(json.dumps({"next_layer": next_layer, "record": record}))
-    os.replace(work / "state.tmp", work / "state.json")
-    acts.drop_old(work, next_layer)
-
-
 def run(cfg: Config) -> dict:
     t0 = time.time()
     device = torch.device(dist.init(pick_device(cfg.device)))  # under torchrun: this rank's device
@@ -151,16 +113,18 @@ def run(cfg: Config) -> dict:
     memory = dist.on_writer(plan.plan, setup, cfg)  # rank 0's: every rank must group the experts alike
     plan.check(memory)  # a run that cannot fit is refused here, before any work
     ckpt = stream.Checkpoint(src)
-    resuming = cfg.resume and (dist.on_writer(check_output, cfg, src) / ".gsq-work" / "state.json").exists()
+    stream.check_shapes(ckpt, model, arch)
+    this_run = partial.identity(cfg, src, dist.world(), device.type)  # what a resume point is bound to
+    point = dist.on_writer(partial.check, cfg, src, this_run)  # the resume point of this same run, or None
     tokenizer = load_tokenizer(src)
     ids = note = windows = None  # the data, read and checked before anything is written
-    if not resuming:
+    if point is None:
         ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
                                                 cfg.seqlen, cfg.seed)
     if cfg.eval_every:
         windows = eval_windows(tokenizer, wikitext_rows(cfg.eval_data or None, "--eval-data"), cfg.eval_seqlen, cfg.eval_windows)
-    root = dist.on_writer(prepare_output, cfg, src)
-    work = root / ".gsq-work"
+    root = dist.on_writer(partial.claim, cfg, src, this_run)  # held by this run from here on
+    work = root / partial.WORK
     stream.load_globals(ckpt, model, arch, device, compute)
     n_layers, hidden_size = len(model.model.layers), tcfg.hidden_size
     placement = memory.placement  # on a CPU, "device" is host memory
@@ -171,9 +135,8 @@ def run(cfg: Config) -> dict:
         evals = acts.Activations("eval", (windows.shape[0], cfg.eval_seqlen, hidden_size), placement, device, dtype, work)
         stores.append(evals)
 
-    if resuming:
-        state = json.loads((work / "state.json").read_text())
-        start, record = state["next_layer"], state["record"]
+    if point is not None:
+        start, record = point["next_layer"], point["record"]
         if writer:
             acts.drop_old(work, start, unfinished=True)  # what an interrupted layer had begun to write
         dist.barrier()
@@ -197,7 +160,7 @@ def run(cfg: Config) -> dict:
             print(f"calibration: {note}")
             if windows is not None:
                 print(f"perplexity, original model: {record['ppl'][-1]['ppl']:.3f}")
-            save_state(work, 0, record)
+            partial.save_state(root, 0, record, this_run)
     held = dist.gather({dist.rank(): (len(calib.rows()), len(evals.rows()) if evals else 0,
                                       sum(store.resident_bytes() for store in stores))})
     if writer:
@@ -239,7 +202,7 @@ def run(cfg: Config) -> dict:
             if writer:
                 tqdm.write(f"perplexity after layer {done} (quantized 0..{i} + original rest): {ppl:.3f}")
         if writer:
-            save_state(work, done, record)
+            partial.save_state(root, done, record, this_run)
 
     if not writer:
         dist.finish()
@@ -247,12 +210,12 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     run_config = cfg.to_json()
     export.write_unit(root, "rest", ckpt.stored(rest_keys(ckpt, arch, n_layers)), cfg.max_shard_bytes)
-    (work / "state.json").unlink()  # first: a resume never meets a half-deleted resume point
-    shutil.rmtree(work)
+    partial.finish_work(root)
     config = json.loads((src / "config.json").read_text())
     config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
     config["quantization_config"] = output_quantization(ckpt, arch, n_layers, cfg)
     export.finish(src, root, out, config, {"gsq_config.json": run_config})
+    partial.release(out)
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=peak_rss_mb())
     (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")

@@ -10,7 +10,8 @@ Saliency of routed expert j over the calibration tokens X_j that the router send
 with g_j(x) the router's normalised weight of j for x and f_j(x) the expert's output. Each layer
 keeps its top-N experts on its own (with expert groups, `n_group` > 1, the top N/n_group of every
 group, so that the groups stay whole). The run streams like quantization: layer i is scored on the
-outputs of the already pruned layers before it. The kept experts are renumbered 0..N-1 in their
+outputs of the already pruned layers before it; it is written into OUT.partial with a resume point after
+every layer (`--resume` continues an interrupted run, gsq.partial). The kept experts are renumbered 0..N-1 in their
 original order, the router's expert rows (weight, e_score_correction_bias) are sliced to match and
 the config's expert count is updated. Every other tensor is copied as it is stored; so are a
 compressed-tensors source's kept experts (scoring dequantizes them, the packed tensors are copied).
@@ -25,44 +26,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import adapter, calib, export, stream
+from gsq import acts, adapter, calib, export, partial, stream
 from gsq.config import Config, build_parser, from_args
 from gsq.errors import InputError, run_cli
 from gsq.eval import check_model_dir, load_tokenizer, model_config, pick_device
-from gsq.pipeline import check_output, dtypes, map_large_host_buffers, prepare_output, release_host_memory
+from gsq.pipeline import dtypes, map_large_host_buffers, release_host_memory
 
-CHUNK = 8  # windows per forward pass through a layer (prune keeps its calibration set in one tensor)
-
-
-def chunks(model, hidden: torch.Tensor, device):
-    """Windows `[N, S, H]` (stored on CPU or the device) in chunks on the device, with their positions:
-    (slice, states, the layer's position arguments)."""
-    compute = model.lm_head.weight.dtype  # the globals were loaded in the compute dtype
-    for i in range(0, hidden.shape[0], CHUNK):
-        h = hidden[i : i + CHUNK].to(device, compute)
-        yield slice(i, i + CHUNK), h, adapter.positions(model, h)
-
-
-@torch.no_grad()
-def forward(model, layer, hidden: torch.Tensor, device) -> torch.Tensor:
-    """One decoder layer over all windows, chunk by chunk (outputs stored like the inputs)."""
-    out = torch.empty_like(hidden)
-    for rows, h, positions in chunks(model, hidden, device):
-        out[rows] = layer(h, attention_mask=None, **positions).to(out.device, out.dtype)
-    return out
+def blocks(model, store: acts.Activations, compute):
+    """The windows' states block by block on the device, in the compute dtype, with their positions."""
+    for b in store.blocks:
+        h = store.get(b, compute)
+        yield b, h, adapter.positions(model, h)
 
 
 FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
-         "device", "overwrite", "max_shard_bytes", "preset")
+         "device", "resume", "overwrite", "max_shard_bytes", "preset")
 
 
 @torch.no_grad()
-def saliency(model, layer, hidden: torch.Tensor, device):
+def saliency(model, layer, hidden: acts.Activations, compute):
     """REAP saliency S_j and routed-token count of every routed expert of `layer` on the windows `hidden`."""
     E = adapter.num_experts(layer)
     total = torch.zeros(E, dtype=torch.float64)
     count = torch.zeros(E, dtype=torch.int64)
-    for _, h, positions in chunks(model, hidden, device):
+    for _, h, positions in blocks(model, hidden, compute):
         x = adapter.post_attention_states(layer, h, **positions)
         g, idx = adapter.route(layer, x)
         for e in range(E):
@@ -177,23 +164,40 @@ def run(cfg: Config) -> dict:
     setattr(pruned_cfg, arch.n_experts_key, keep)
     pruned = stream.skeleton(pruned_cfg)  # the layers as they will be, for passing activations on
     ckpt = stream.Checkpoint(src)
-    check_output(cfg, src)
-    ids, note = calib.calibration_ids(load_tokenizer(src), cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen,
-                                      cfg.seed)  # read and checked before anything is written
-    root = prepare_output(cfg, src)
+    stream.check_shapes(ckpt, model, arch)
+    this_run = partial.identity(cfg, src, 1, device.type)  # what a resume point is bound to
+    point = partial.check(cfg, src, this_run)  # the resume point of this same run, or None
+    if point is None:  # the calibration data, read and checked before anything is written
+        ids, note = calib.calibration_ids(load_tokenizer(src), cfg.dataset, cfg.text_field, cfg.num_samples,
+                                          cfg.seqlen, cfg.seed)
+    root = partial.claim(cfg, src, this_run)  # held by this run from here on
+    work = root / partial.WORK
     dtype, compute = dtypes(tcfg, device)
-    store = device  # the activations: on the GPU, or in host memory
     stream.load_globals(ckpt, model, arch, device, compute)
-    print(f"calibration: {note}; keeping {keep} of {E} routed experts per layer by {cfg.criterion}")
-    with torch.no_grad():
-        hidden = model.model.embed_tokens(ids.to(device)).to(store, dtype)
-    record = {"criterion": cfg.criterion, "experts": E, "keep": keep, "calibration": note, "layers": []}
+    # the calibration windows' states between layers: on the GPU, or in host memory
+    hidden = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, tcfg.hidden_size), "device", device, dtype, work)
     n_layers = len(model.model.layers)
-    for i in tqdm(range(n_layers), desc="layers"):
+    if point is None:
+        start = 0
+        record = {"criterion": cfg.criterion, "experts": E, "keep": keep, "calibration": note, "layers": []}
+        hidden.begin(-1)
+        with torch.no_grad():
+            for b in hidden.blocks:
+                hidden.put(b, model.model.embed_tokens(ids[hidden.windows(b)].to(device)))
+        acts.commit(work, 0, [hidden])
+        partial.save_state(root, 0, record, this_run)
+        print(f"calibration: {note}; keeping {keep} of {E} routed experts per layer by {cfg.criterion}")
+    else:
+        start, record = point["next_layer"], point["record"]
+        acts.drop_old(work, start, unfinished=True)  # what an interrupted layer had begun to write
+        hidden.load(start)
+        print(f"resuming {root} at layer {start} of {n_layers}")
+    for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers):
         layer = stream.load_layer(ckpt, model, arch, i, device, compute)
+        hidden.begin(i)
         kept = None
         if adapter.is_moe(layer):
-            reap, count = saliency(model, layer, hidden, device)
+            reap, count = saliency(model, layer, hidden, compute)
             scores = {"reap": reap, "frequency": count.double(),
                       "random": torch.rand(E, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))}
             kept = select(scores[cfg.criterion], keep, groups)
@@ -206,10 +210,14 @@ def run(cfg: Config) -> dict:
             state = sliced_module_state(arch, layer, kept)
             stream.unload_layer(model, i)
             layer = stream.materialize(pruned.model.layers[i], state, device, compute)
-        hidden = forward(model, layer, hidden, device)
+        with torch.no_grad():  # the pruned layer passes the windows on
+            for b, h, positions in blocks(model, hidden, compute):
+                hidden.put(b, layer(h, attention_mask=None, **positions))
         export.write_unit(root, f"layer{i:05d}", layer_tensors(ckpt, arch, i, kept, E), cfg.max_shard_bytes)
         layer.to("meta")
         release_host_memory()
+        acts.commit(work, i + 1, [hidden])
+        partial.save_state(root, i + 1, record, this_run)
 
     out_config = json.loads((src / "config.json").read_text())
     target = out_config["text_config"] if arch.text_config else out_config
@@ -223,9 +231,11 @@ def run(cfg: Config) -> dict:
         target["num_nextn_predict_layers"] = 0
     rest = sorted(k for k in ckpt.files if layer_index(arch, k) is None)
     export.write_unit(root, "rest", ckpt.raw(rest), cfg.max_shard_bytes)
+    partial.finish_work(root)
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json()))
     export.finish(src, root, Path(cfg.out), out_config,
                   {"gsq_prune.json": json.dumps(record, indent=2) + "\n"})
+    partial.release(Path(cfg.out))
     print(f"wrote {cfg.out}: {keep} of {E} routed experts per layer, in {record['seconds']:.0f}s")
     return record
 

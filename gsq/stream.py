@@ -125,13 +125,51 @@ def shard_keys(path: Path) -> list:
 
 def dtypes(names, files: dict) -> dict:
     """Each tensor's stored dtype (safetensors' name, e.g. "BF16", "F8_E4M3"), from the shard headers."""
+    return _headers(names, files, lambda s: s.get_dtype())
+
+
+def shapes(names, files: dict) -> dict:
+    """Each tensor's stored shape, from the shard headers."""
+    return _headers(names, files, lambda s: tuple(s.get_shape()))
+
+
+def _headers(names, files: dict, read) -> dict:
     by_file, out = {}, {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for path, group in by_file.items():
         with safe_open(path, "pt") as f:
-            out.update({name: f.get_slice(name).get_dtype() for name in group})
+            out.update({name: read(f.get_slice(name)) for name in group})
     return out
+
+
+def check_shapes(ckpt: Checkpoint, model, arch):
+    """The weights are the model config.json describes (another hidden_size, expert width or vocabulary is
+    refused before any work): every tensor stored plain or as block FP8 whose name maps onto the skeleton
+    has the skeleton's shape; each routed expert has its slice of the fused expert tensors. Headers only."""
+    prefix = arch.layers_prefix[: -len("model.layers")]
+    want = {prefix + k: tuple(t.shape) for k, t in model.state_dict().items() if not k.startswith("model.layers.")}
+    for i, layer in enumerate(model.model.layers):
+        for k, t in layer.state_dict().items():
+            want[f"{arch.layers_prefix}.{i}.{k}"] = tuple(t.shape)
+        if adapter.is_moe(layer) and arch.expert_names:
+            _, inter2, hidden = layer.mlp.experts.gate_up_proj.shape
+            for e in range(adapter.num_experts(layer)):
+                for p, shape in enumerate([(inter2 // 2, hidden)] * 2 + [(hidden, inter2 // 2)]):
+                    want[arch.expert_key(i, e, p) + ".weight"] = shape
+    names = {}  # stored name -> the name it has in the skeleton's terms
+    for k in ckpt.keys():
+        layer_of = k[len(arch.layers_prefix) + 1:].split(".", 1) if k.startswith(arch.layers_prefix + ".") else None
+        name = f"{arch.layers_prefix}.{layer_of[0]}.{arch.module_name(layer_of[1])}" if layer_of and len(layer_of) > 1 else k
+        if k not in ckpt.compressed:
+            names[k] = name if name in want else k
+        elif ckpt.compressed[k][1] is not None and ckpt.compressed[k][1].format == "float-quantized":
+            names[ckpt.compressed[k][2]["weight"]] = name if name in want else k
+    got = shapes(list(names), ckpt.files)
+    for disk, name in sorted(names.items()):
+        if name in want and got[disk] != want[name]:
+            raise InputError(f"config.json does not match the weights: {disk} is stored as {list(got[disk])}, the "
+                             f"config makes it {list(want[name])}")
 
 
 def check_shards(where: dict):
@@ -210,7 +248,26 @@ def quantized_modules(root: Path, where: dict) -> dict:
         if lost:
             raise InputError(f"compressed module {prefix} lacks {', '.join(lost)}")
         modules[prefix + ".weight"] = (compressor, scheme, parts)
+    check_packed(modules, where)
     return modules
+
+
+def check_packed(modules: dict, where: dict):
+    """Every group-quantized `pack-quantized` module holds as many int32 words per row as its config
+    group's bit width needs for the inputs its scales cover (a checkpoint that mixes bit widths, or whose
+    config does not describe it, is refused before anything reads it). Headers only."""
+    packed = {m: parts for m, (_, scheme, parts) in modules.items() if scheme is not None
+              and scheme.format == "pack-quantized" and scheme.weights.strategy == "group"
+              and {"weight_packed", "weight_scale"} <= set(parts)}
+    got = shapes([p for parts in packed.values() for p in (parts["weight_packed"], parts["weight_scale"])], where)
+    for m, parts in sorted(packed.items()):
+        bits, group = modules[m][1].weights.num_bits, modules[m][1].weights.group_size
+        words, groups = got[parts["weight_packed"]][-1], got[parts["weight_scale"]][-1]
+        least, most = -(-((groups - 1) * group + 1) * bits // 32), -(-groups * group * bits // 32)
+        if not least <= words <= most:
+            raise InputError(f"{parts['weight_packed']} holds {words} int32 words per row, but the {bits}-bit codes "
+                             f"of its {groups} groups of {group} need {most}: the checkpoint's tensors do not have the "
+                             "bit width its quantization_config says")
 
 
 def model_dtype(config) -> torch.dtype:

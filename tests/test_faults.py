@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
-from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
+from conftest import CALIB_DATA, FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -53,6 +53,8 @@ BAD_MODELS = {  # row: (build the source, words the error line must hold)
     "dense model": (lambda d: tiny_copy(d / "dense", config={"first_k_dense_replace": 7}),
                     ["no MoE layers with routed experts"]),
     "unsupported architecture": (lambda d: llama(d / "llama"), ["unsupported architecture 'llama'", "deepseek_v3, kimi_k25"]),
+    "config disagreeing with the weights": (lambda d: tiny_copy(d / "h", config={"hidden_size": 512}),
+                                            ["config.json does not match the weights", "[2048, 256]", "[2048, 512]"]),
     "truncated shard": (lambda d: truncated(tiny_copy(d / "t")), ["model.safetensors is truncated or corrupt"]),
     "corrupt shard": (lambda d: corrupt(tiny_copy(d / "c")), ["model.safetensors is truncated or corrupt"]),
 }
@@ -104,9 +106,9 @@ def test_nan_tensor_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()  # stopped at layer 3, resumable once the shard is fixed
 
 
-def faulty(kind, n, out):
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_quantize.py"), kind, str(n),
-                           "--model", str(TINY_MODEL), "--out", str(out), *FAST], cwd=ROOT, env=ENV,
+def faulty(kind, n, out, module="gsq.quantize", flags=FAST):
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_run.py"), kind, str(n), module,
+                           "--model", str(TINY_MODEL), "--out", str(out), *flags], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
 
 
@@ -205,9 +207,55 @@ def test_sigterm_says_how_to_continue_and_that_resumes_to_the_same_bytes(quantiz
                                 "continue with: python -m gsq.quantize ")
     command = shlex.split(lines[-1].split("continue with: ", 1)[1])
     assert command[-1] == "--resume" and command[:2] == ["python", "-m"]
+    # a resume of another run is refused in one line naming what differs, and leaves the partial run intact
+    before = tree_digest(out.with_name("q.partial"))
+    other = tiny_copy(tmp_path / "other", lambda t: t.update({k: v * 1.5 for k, v in t.items() if "experts" in k}))
+    for flags, words in ((["--bits", "3", "--container", "4"], "this run has --bits 3, it was started with --bits 2"),
+                         (["--seed", "1"], "this run has --seed 1, it was started with --seed 0"),
+                         (["--model", str(other)], f"this run has --model {other}, it was started with --model")):
+        refused = subprocess.run([sys.executable, *command[1:], *flags], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        one_error_line(refused, f"cannot resume {out}.partial: {words}", "--overwrite")
+        assert tree_digest(out.with_name("q.partial")) == before and not out.exists()
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert digest(out) == digest(quantized)
+
+
+def tree_digest(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_source_is_not_resumed(tmp_path):
+    """The resume point holds the source's identity: a shard rewritten in place (same names, shapes and size,
+    other values) or a changed config.json is named."""
+    from gsq import partial
+    from gsq.config import Config
+
+    src = tiny_copy(tmp_path / "src")
+    cfg = Config(model=str(src), out=str(tmp_path / "out"))
+    before = partial.identity(cfg, src, 1, "cpu")
+    assert partial.difference(partial.identity(cfg, src, 1, "cpu"), before) is None
+    tensors = load_file(src / "model.safetensors")
+    save_file({k: v * 1.5 for k, v in tensors.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    assert partial.difference(partial.identity(cfg, src, 1, "cpu"), before) == \
+        "the source model's model.safetensors has changed since it was started"
+    assert partial.difference(partial.identity(cfg, src, 2, "cpu"), partial.identity(cfg, src, 1, "cpu")) == \
+        "it ran with ranks 1, this run has 2"
+
+
+def test_two_runs_on_one_out_end_with_one_refusal_and_one_checkpoint(quantized, tmp_path):
+    """Started together, one plain and one with --overwrite: the lock admits one; the other is refused in one
+    line (--overwrite never deletes a live run's partial output), and the winner's checkpoint is whole."""
+    out = tmp_path / "q"
+    runs = [quantize("--out", str(out), *FAST, *extra, wait=False) for extra in ([], ["--overwrite"])]
+    errors = [p.stderr.read() for p in runs]
+    codes = [p.wait() for p in runs]
+    assert sorted(codes) == [0, 2], errors
+    loser = errors[codes.index(2)].strip().splitlines()
+    assert loser[-1].startswith("error: a live run (pid ") and f"is writing {out}.partial" in loser[-1], loser
+    assert "Traceback" not in errors[codes.index(2)]
+    assert digest(out) == digest(quantized) and not out.with_name("q.partial").exists()
+    assert not (out / ".lock").exists()
 
 
 def test_ctrl_c_before_any_output_says_nothing_was_written(tmp_path):
@@ -237,3 +285,57 @@ def test_bad_calibration_leaves_nothing_and_the_rerun_starts(tool, tmp_path):
     if tool == "gsq.prune":  # (quantize's rerun with good data is every other test)
         good = subprocess.run([*cmd, *FAST[:2]], cwd=ROOT, env=ENV, capture_output=True, text=True)
         assert good.returncode == 0, good.stderr[-2000:]
+
+
+def run_tool(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True)
+
+
+EVAL = ["--data-file", WIKI_TEST, "--seqlen", "32", "--max-windows", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("row", ["config disagreeing with the weights", "truncated shard"])
+def test_prune_and_eval_refuse_a_bad_model_alike(row, tmp_path):
+    build, words = BAD_MODELS[row]
+    src = build(tmp_path)
+    one_error_line(run_tool("gsq.prune", "--model", src, "--out", tmp_path / "p", "--keep", "4", *CALIB_DATA), *words)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+    one_error_line(run_tool("gsq.eval", "--model", src, *EVAL), *words)
+
+
+def mixed(q, dst):
+    """A copy of checkpoint `q` whose config says 4-bit codes where its tensors hold 2-bit ones."""
+    shutil.copytree(q, dst)
+    c = json.loads((dst / "config.json").read_text())
+    c["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def foreign(dst):
+    """The tiny model saying it is AWQ-quantized (a format neither gsq nor this transformers reads)."""
+    return tiny_copy(dst, config={"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}})
+
+
+READERS = {  # row: (build from the quantized checkpoint and a path, words of gsq.inspect's line, of gsq.eval's)
+    "truncated shard": (lambda q, d: truncated_shard(shutil.copytree(q, d), "model-layer00003-000.safetensors"),
+                        *[["model-layer00003-000.safetensors is truncated or corrupt"]] * 2),
+    "mixed bit widths": (mixed, *[["int32 words per row, but the 4-bit codes", "do not have the bit width"]] * 2),
+    "foreign format": (lambda q, d: foreign(d), *[["source quantization 'awq' is not supported"]] * 2),
+    "not a checkpoint": (lambda q, d: d.mkdir() or d, ["is not a checkpoint directory (no config.json)"],
+                         ["not a model directory (no config.json)"]),
+}
+
+
+def truncated_shard(d, name):
+    os.truncate(d / name, (d / name).stat().st_size // 2)
+    return d
+
+
+@pytest.mark.parametrize("row", READERS)
+def test_readers_refuse_a_broken_checkpoint_in_one_line(row, quantized, tmp_path):
+    build, inspect_words, eval_words = READERS[row]
+    ckpt = build(quantized, tmp_path / "ckpt")
+    one_error_line(run_tool("gsq.inspect", ckpt), *inspect_words)
+    one_error_line(run_tool("gsq.eval", "--model", ckpt, *EVAL), *eval_words)

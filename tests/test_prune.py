@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from conftest import CALIB_DATA, FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize
 
-from gsq import adapter, prune, stream
+from gsq import acts, adapter, prune, stream
 from gsq.errors import InputError
 
 CALIB = [*CALIB_DATA, "--preset", "tiny", "--num-samples", "16", "--seqlen", "128"]
@@ -83,7 +83,10 @@ def test_saliency_is_the_router_weighted_output_norm(tiny):
     layer = stream.load_layer(ckpt, skeleton, arch, 2, "cpu", torch.float32)
     torch.manual_seed(0)
     hidden = torch.randn(2, 64, model.config.hidden_size).to(torch.bfloat16)
-    ours, count = prune.saliency(skeleton, layer, hidden, "cpu")
+    store = acts.Activations("calib", tuple(hidden.shape), "device", "cpu", torch.bfloat16, None)
+    for b in store.blocks:
+        store.put(b, hidden[store.windows(b)])
+    ours, count = prune.saliency(skeleton, layer, store, torch.float32)
     x = adapter.post_attention_states(layer, hidden.float(), position_ids=torch.arange(64)[None],
                                       position_embeddings=skeleton.model.rotary_emb(hidden.float(), torch.arange(64)[None]))
     _, weights, indices = layer.mlp.gate(x)
@@ -149,3 +152,27 @@ def test_refused_keeps(tmp_path):
         with pytest.raises(InputError, match="n_group"):
             prune.experts_to_keep(grouped, 16, keep, 0)
     assert prune.select(torch.tensor([5., 1, 2, 9, 0, 3, 8, 7]), 4, 2) == [0, 3, 6, 7]  # top 2 of each group
+
+
+def test_sigterm_then_resume_gives_the_same_checkpoint(pruned, tmp_path):
+    """Prune writes like quantization: stopped after layer 3's shard (its 20th file: 4 blocks of windows per
+    resume point, then a shard and a resume point per layer), it says how to continue; a resume with other
+    settings is refused; the same settings finish the identical checkpoint."""
+    import shlex
+
+    out = tmp_path / "p"
+    flags = ["--keep", "4", *CALIB]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_run.py"), "term", "20", "gsq.prune",
+                           "--model", str(TINY_MODEL), "--out", str(out), *flags], cwd=ROOT, capture_output=True, text=True)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: stopped by SIGTERM: the finished layers are kept in {out}.partial; continue with: "
+                           "python -m gsq.prune ") and not out.exists()
+    command = shlex.split(last.split("continue with: ", 1)[1])[3:]  # the flags, ending in --resume
+    refused = run_prune(*command[2:], "--keep", "5", model=command[1])
+    assert refused.returncode == 2 and "this run has --keep 5, it was started with --keep 4" in refused.stderr
+    resumed = run_prune(*command[2:], model=command[1])
+    assert resumed.returncode == 0 and f"resuming {out}.partial at layer 3 of 7" in resumed.stdout, resumed.stderr
+    assert digest(out, skip=("gsq_prune.json",)) == digest(pruned, skip=("gsq_prune.json",))
+    records = [json.loads((d / "gsq_prune.json").read_text()) for d in (out, pruned)]
+    assert [r["layers"] for r in records] == [records[1]["layers"]] * 2
