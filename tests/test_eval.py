@@ -115,7 +115,7 @@ def test_causal_lm_config_without_weights(tmp_path):
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(TINY_MODEL).save_pretrained(tmp_path)
-    assert_clear_error(run_eval("--model", str(tmp_path), "--data-file", str(WIKI_TEST)), "cannot load the model")
+    assert_clear_error(run_eval("--model", str(tmp_path), "--data-file", str(WIKI_TEST)), "no safetensors weights")
 
 
 def test_unreadable_config(tmp_path):

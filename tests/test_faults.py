@@ -86,6 +86,8 @@ BAD_FLAGS = {
     "container too small": (["--bits", "3"], ["--container 4"]),
     "batch not whole blocks": (["--batch-size", "6"], ["--batch-size must be a multiple of 4"]),
     "unknown flag": (["--bitz", "2"], ["unrecognized arguments"]),
+    "no calibration windows": (["--num-samples", "0"], ["--num-samples must be at least 1, got 0"]),
+    "negative window length": (["--seqlen", "-5"], ["--seqlen must be at least 1, got -5"]),
 }
 
 
@@ -119,8 +121,7 @@ def shard_write(i):
     return 6 + 6 * i
 
 
-@pytest.mark.parametrize("n", [shard_write(0), shard_write(2) + 3, shard_write(4), 48],
-                         ids=["layer-0-shard", "resume-point-2", "layer-4-shard", "rest"])
+@pytest.mark.parametrize("n", [shard_write(0), shard_write(2) + 3, 48], ids=["layer-0-shard", "resume-point-2", "rest"])
 def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     out = tmp_path / "q"
     proc = faulty("kill", n, out)

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from conftest import FAST, ROOT, TINY_MODEL, digest, kill_after_layer, quantize
@@ -54,8 +53,8 @@ def test_transformers_loads_exactly_our_codes(quantized):
     assert checked == 36
 
 
-@pytest.mark.parametrize("activations", ["host", "disk"])
-def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path, activations):
+def test_resume_after_kill_gives_identical_bytes(quantized, tmp_path, activations="disk"):
+    """With the layer inputs in files (host memory: the kill rows of test_faults.py)."""
     out = tmp_path / "tiny-w2"
     state = tmp_path / "tiny-w2.partial" / ".gsq-work" / "state.json"
     kill_after_layer(quantize("--out", str(out), *FAST, "--activations", activations, wait=False), state, 3)
