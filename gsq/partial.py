@@ -38,16 +38,22 @@ def identity(cfg, src: Path, ranks: int, device: str) -> dict:
     return {"settings": settings, "source": fingerprint(src), "gsq": __version__, "ranks": ranks, "device": device}
 
 
+SMALL = 64 << 20  # files up to this size (config, index, tokenizer, code) are hashed whole
+
+
 def fingerprint(src: Path) -> dict:
     """The source directory's files: a safetensors shard by size, mtime and header hash (reading 1 TB of
-    weights is not an option; rewriting a shard changes its mtime), every other file by its sha256."""
+    weights is not an option; rewriting a shard changes its mtime), other large files by size and mtime,
+    small ones by their sha256."""
     out = {}
     for f in sorted(p for p in Path(src).iterdir() if p.is_file()):
+        stat = f.stat()
         if f.suffix == ".safetensors":
             with open(f, "rb") as fh:
-                header = fh.read(8 + int.from_bytes(fh.read(8), "little")) if f.stat().st_size >= 8 else b""
-            stat = f.stat()
+                header = fh.read(min(int.from_bytes(fh.read(8), "little"), stat.st_size))
             out[f.name] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(header).hexdigest()]
+        elif stat.st_size > SMALL:
+            out[f.name] = [stat.st_size, stat.st_mtime_ns]
         else:
             out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
