@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from local_data import CALIBRATION, ROOT, TINY, WIKI_TEST, tiny_flags
+from local_data import BUNDLED, CALIBRATION, ROOT, TINY, WIKI_TEST, tiny_flags
 DEFAULT_RUNS = ["gsq=--method gsq", "gptq=--method gptq", "rtn=--method rtn"]
 
 
@@ -45,7 +45,7 @@ def run_llmcompressor(python: str, args) -> dict:
     run by `python`, the interpreter of an environment where llm-compressor is installed)."""
     out = Path(args.work) / "llmcompressor-gptq"
     cmd = [python, str(ROOT / "eval" / "llmcompressor_gptq.py"), "--model", args.model, "--out", str(out)]
-    if Path(args.model).resolve() == TINY:
+    if Path(args.model).resolve() in BUNDLED:
         cmd += ["--preset", "tiny", "--dataset", str(CALIBRATION)]
     seconds = timed(cmd, args.quiet)
     version = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],

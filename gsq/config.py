@@ -51,6 +51,9 @@ class Config:
     lr_final: float = _f(0.1, "cosine decay to this fraction of the learning rate")
     tau: tuple = _f((2.0, 0.05), "temperature, annealed linearly (start, end)")
     kappa: tuple = _f((100.0, 500.0), "logit gain, annealed linearly (start, end)")
+    token_weights: str = _f("uniform", "weight of a token's output error in GPTQ's Hessians and GSQ's loss: uniform, "
+                            "or router (g^2, the square of the router weight the layer output applies)",
+                            choices=["uniform", "router"])
     min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
     experts_per_batch: int = _f(0, "experts of a rank trained together (0: as many as the memory plan fits, "
                                    "at most 16)")

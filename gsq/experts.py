@@ -52,9 +52,10 @@ def counts(layer, calib) -> list:
 @torch.no_grad()
 def routed(layer, calib, batch: list, owner: dict) -> dict:
     """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
-    delivered to their owners: {expert: x `[n, H]`} for this rank's experts. An expert's tokens come in
-    the canonical order (block's position in `batch`, then token), whichever rank computed them. Ranks
-    send in rounds of one block each (memory: one block's tokens out, the step's tokens in)."""
+    delivered to their owners: {expert: (x `[n, H]`, router weights g_e(x) `[n]` float32)} for this rank's
+    experts. An expert's tokens come in the canonical order (block's position in `batch`, then token),
+    whichever rank computed them. Ranks send in rounds of one block each (memory: one block's tokens out,
+    the step's tokens in); a weight travels exactly, as its float32 bits in the integer metadata."""
     E, dev, W = adapter.num_experts(layer), calib.device, dist.world()
     H = layer.post_attention_layernorm.weight.shape[0]
     dest = torch.full((E,), -1, dtype=torch.int64, device=dev)
@@ -64,16 +65,17 @@ def routed(layer, calib, batch: list, owner: dict) -> dict:
     got_rows, got_meta = [], []
     for j in range(max(map(len, held))):
         rows = torch.empty(0, H, dtype=calib.dtype, device=dev)
-        meta = torch.empty(0, 3, dtype=torch.int64, device=dev)
+        meta = torch.empty(0, 4, dtype=torch.int64, device=dev)
         if j < len(held[dist.rank()]):
             pos = held[dist.rank()][j]
             x = adapter.moe_input(layer, calib.get(batch[pos], compute_dtype(layer)))
-            _, idx = adapter.route(layer, x)
+            g, idx = adapter.route(layer, x)
             tok, slot = (dest[idx] >= 0).nonzero(as_tuple=True)
             e = idx[tok, slot]
             order = torch.argsort(dest[e], stable=True)
-            tok, e = tok[order], e[order]
-            rows, meta = x[tok].to(calib.dtype), torch.stack([dest[e], e, pos * per_block + tok], 1)
+            tok, slot, e = tok[order], slot[order], e[order]
+            bits = g[tok, slot].float().view(torch.int32).long()
+            rows, meta = x[tok].to(calib.dtype), torch.stack([dest[e], e, pos * per_block + tok, bits], 1)
         sizes = torch.bincount(meta[:, 0], minlength=W).tolist()
         rows, meta = dist.exchange(rows, meta[:, 1:], sizes)
         got_rows.append(rows)
@@ -81,9 +83,10 @@ def routed(layer, calib, batch: list, owner: dict) -> dict:
     rows, meta = torch.cat(got_rows), torch.cat(got_meta)
     del got_rows
     order = torch.argsort(meta[:, 0] * (len(batch) * per_block) + meta[:, 1])
-    rows, experts = rows[order], meta[order, 0]
-    split = rows.split(torch.bincount(experts, minlength=E).tolist())
-    return {e: split[e] for e, r in owner.items() if r == dist.rank()}
+    rows, experts, g = rows[order], meta[order, 0], meta[order, 2].int().view(torch.float32)
+    sizes = torch.bincount(experts, minlength=E).tolist()
+    split, weights = rows.split(sizes), g.split(sizes)
+    return {e: (split[e], weights[e]) for e, r in owner.items() if r == dist.rank()}
 
 
 def in_batches(blocks: list, per_batch: int) -> list:
@@ -104,10 +107,12 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
     H = {e: [0, 0, 0] for e in fp}
     first = list(range(-(-min(cfg.gptq_samples, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
-        for e, x in routed(layer, calib, batch, owner).items():
+        for e, (x, g) in routed(layer, calib, batch, owner).items():
             x = x.float()
             gate, up, _ = fp[e]
             mid = F.silu(x @ gate.T) * (x @ up.T)
+            if cfg.token_weights == "router":  # sum of g^2 x x^T: the error as the layer output weighs it
+                x, mid = x * g[:, None], mid * g[:, None]
             H[e] = [H[e][0] + x.T @ x, H[e][1] + mid.T @ mid, H[e][2] + x.shape[0]]
     return H
 
@@ -146,8 +151,9 @@ def refine(layer, calib, owner: dict, fp: dict, init: dict, seeds: list, batches
     for t, batch in enumerate(batches):
         tokens = routed(layer, calib, batch, owner)  # every rank takes part, with experts of its own or not
         if mine:
-            losses = step(module, opt, [tokens[e] for e in mine], weights, t, len(batches), cfg,
-                          [seeds[e] for e in mine], dtype)
+            xs = [tokens[e][0] for e in mine]
+            gs = [tokens[e][1] for e in mine] if cfg.token_weights == "router" else None
+            losses = step(module, opt, xs, weights, t, len(batches), cfg, [seeds[e] for e in mine], dtype, gs)
             if t % max(1, len(batches) // 10) == 0 or t == len(batches) - 1:
                 trajectory.append((t, losses.nanmean().item()))
         bar.update()
@@ -164,7 +170,7 @@ def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
     sums = {e: torch.zeros(len(results[e]) + 1, dtype=torch.float64) for e in fp}  # errors..., target
     first = list(range(-(-min(MEASURE, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
-        for e, x in routed(layer, calib, batch, owner).items():
+        for e, (x, _) in routed(layer, calib, batch, owner).items():
             errs, ref = output_errors(x.float(), fp[e], [[dequant(c, s).to(x.device) for c, s in q] for q in results[e]])
             sums[e] += torch.tensor([*errs, ref], dtype=torch.float64)
     return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}

@@ -115,11 +115,13 @@ def optimizer(model: ExpertCodes, cfg) -> Lion:
                 lr=cfg.lr_logits, betas=cfg.lion_betas)
 
 
-def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, seeds: list, dtype):
+def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, seeds: list, dtype,
+         gs: list | None = None):
     """Optimizer step t of `steps` for the E experts of `model`: soft experts match the full-precision
     experts `fp` (gate, up, down stacked `[E, ...]`) on the tokens `xs[e]` `[n_e, H]` the minibatch routed
-    to expert e. The loss of expert e is its relative output MSE; experts with no token do not move.
-    `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
+    to expert e. The loss of expert e is its relative output MSE, each token's error weighted by g^2 when
+    its router weights `gs[e]` `[n_e]` are given (the layer adds g * f_e(x)); experts with no token do not
+    move. `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
     tau, kappa = linear(*cfg.tau, t, steps), linear(*cfg.kappa, t, steps)
     for g, lr in zip(opt.param_groups, (cfg.lr_logits, cfg.lr_scales)):
         g["lr"] = lr * cosine(t, steps, cfg.lr_final)
@@ -135,11 +137,16 @@ def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int,
             continue
         # zero rows up to a multiple of ROWS: a few shapes, not one per token count (oneDNN builds and keeps
         # a kernel for every new bf16 shape on a CPU); a zero row's output and target are exactly 0
-        x = F.pad(x.to(fp[0].device, dtype), (0, 0, 0, -x.shape[0] % ROWS))
+        pad = -x.shape[0] % ROWS
+        x = F.pad(x.to(fp[0].device, dtype), (0, 0, 0, pad))
         with torch.no_grad():
             target = swiglu(x, *(w[e] for w in fp)).float()
         y = swiglu(x, *leaves[e]).float()
-        loss = ((y - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)
+        if gs is None:
+            loss = ((y - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)
+        else:
+            w = F.pad(gs[e].to(y.device, torch.float32), (0, pad))[:, None] ** 2
+            loss = (w * (y - target) ** 2).sum() / (w * target**2).sum().clamp(min=1e-12)
         loss.backward()
         losses[e] = loss.detach()
     grads = [torch.stack([leaf[p].grad if leaf[p].grad is not None else torch.zeros_like(leaf[p]) for leaf in leaves])

@@ -19,7 +19,13 @@ Recipe (deterministic on a given machine; `make fixture` runs it, ~15 min on 2 C
   - Early stopping: held-out loss every 50 steps; stop after 4 evaluations without improvement,
     keep the best weights. Saved in bf16 with `save_pretrained` (safetensors).
 
-Usage: python models/train_tiny_moe.py [--out models/tiny-deepseek-v3] [--max-steps N]
+The second bundled model, `--arch qwen3_moe` (models/tiny-qwen3-moe), has another routing shape so that
+no method is tuned to one model: Qwen3-MoE (GQA attention, 2 KV heads of 64), 6 layers, all MoE, 12
+routed experts of intermediate 128, top-4 with normalised softmax weights, no shared expert, no dense
+layer; balanced by Qwen's auxiliary router loss (coefficient 0.01) instead of the bias. The same text,
+tokenizer recipe and optimisation.
+
+Usage: python models/train_tiny_moe.py [--arch deepseek_v3|qwen3_moe] [--out DIR] [--max-steps N]
 """
 
 import argparse
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, DeepseekV3Config, PreTrainedTokenizerFast, Qwen3MoeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -52,7 +58,29 @@ def build_tokenizer(text_lines: list[str], vocab_size: int) -> PreTrainedTokeniz
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, model_max_length=4096)
 
 
-def build_config(vocab_size: int) -> DeepseekV3Config:
+def build_config(arch: str, vocab_size: int):
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            vocab_size=vocab_size,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_experts=12,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=True,
+            router_aux_loss_coef=0.01,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     return DeepseekV3Config(
         vocab_size=vocab_size,
         hidden_size=256,
@@ -123,7 +151,8 @@ def heldout_loss(model, ids: torch.Tensor, seqlen: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "models" / "tiny-deepseek-v3"))
+    ap.add_argument("--arch", default="deepseek_v3", choices=["deepseek_v3", "qwen3_moe"])
+    ap.add_argument("--out", help="default: models/tiny-<arch with - for _>")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -133,6 +162,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--patience", type=int, default=4)
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "models" / f"tiny-{args.arch.replace('_', '-')}")
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -146,7 +176,7 @@ def main():
     held_ids = torch.tensor(tokenizer(held_text, add_special_tokens=False)["input_ids"])
     print(f"tokens: train {train_ids.numel()}, held-out {held_ids.numel()}", flush=True)
 
-    model = DeepseekV3ForCausalLM(build_config(len(tokenizer))).float()
+    model = AutoModelForCausalLM.from_config(build_config(args.arch, len(tokenizer))).float()
     model.train()
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
     balancer = LoadBalancer(model, rate=1e-3)
@@ -183,6 +213,7 @@ def main():
                     break
 
     model.load_state_dict(best_state)
+    model.config.output_router_logits = False  # the auxiliary loss was for training only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)

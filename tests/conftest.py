@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-deepseek-v3"
+QWEN_MODEL = ROOT / "models" / "tiny-qwen3-moe"  # the second bundled model: another routing shape
 DATA = ROOT.parent / "shared" / "data"
 WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -197,8 +197,8 @@ def test_sigterm_says_how_to_continue_and_that_resumes_to_the_same_bytes(quantiz
 
     from conftest import kill_after_layer
 
-    out = tmp_path / "q"
-    proc = quantize("--out", str(out), *FAST, wait=False)
+    out = tmp_path / "q"  # the layer inputs in files (the kill rows above hold them in memory): the same bytes
+    proc = quantize("--out", str(out), *FAST, "--activations", "disk", wait=False)
     kill_after_layer(proc, out.with_name("q.partial") / ".gsq-work" / "state.json", 2,
                      kill=lambda: proc.send_signal(signal.SIGTERM))
     err = proc.stderr.read()

@@ -163,3 +163,23 @@ def test_minibatches_are_seeded_epochs_of_blocks():
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))  # epochs
     assert batches == minibatches(5, 2, 6, seed=1) and batches != minibatches(5, 2, 6, seed=2)
     assert minibatches(5, 2, 0, seed=1) == []
+
+
+def test_router_weighted_loss_counts_each_token_by_its_weight_squared():
+    """--token-weights router: a token of weight 0 adds nothing, scaling every weight changes nothing, and
+    weights {0, 1} give the uniform loss of the weight-1 tokens."""
+    fp, xs, init = experts_problem(E=1, n=300)
+    x = minibatch(xs, 0, 4)
+    keep = torch.arange(x.shape[0]) % 3 != 0
+    weights = tuple(w[None] for w in fp[0])
+
+    def loss(tokens, g):
+        module = ExpertCodes([init[0][p][0][None] for p in range(3)], [init[0][p][1][None] for p in range(3)],
+                             gptq.grid_levels(2), CFG.init_sigma, CFG.init_alpha, [100])
+        return step(module, optimizer(module, CFG), [tokens], weights, 4, 10, CFG, [100], torch.float32,
+                    None if g is None else [g])[0].item()
+
+    subset = loss(x[keep], None)
+    assert loss(x, keep.float()) == pytest.approx(subset, rel=1e-5)
+    assert loss(x, 0.3 * keep.float()) == pytest.approx(subset, rel=1e-5)
+    assert loss(x, torch.rand(x.shape[0], generator=torch.Generator().manual_seed(0))) != pytest.approx(subset, rel=1e-3)
