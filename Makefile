@@ -6,13 +6,13 @@ DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
 OUT ?= out/$(notdir $(MODEL))-gsq-w2
 SEQLEN ?= 256
-TINY := models/tiny-deepseek-v3
-# The bundled model gets the scaled-down preset, calibrated on the local WikiText-2 valid split where
+TINY := models/tiny-deepseek-v3 models/tiny-qwen3-moe
+# The bundled models get the scaled-down preset, calibrated on the local WikiText-2 valid split where
 # $(DATA) exists (else the Hub's train split); any other MODEL the paper's settings. The perplexity watch
 # reads the local test split where $(DATA) exists (else the Hub's). Extra flags: ARGS=...
 CALIB_DATA := $(if $(wildcard $(DATA)),--dataset $(DATA)/wikitext-2/wiki.valid.tokens,)
 EVAL_DATA := $(if $(wildcard $(DATA)),--eval-data $(DATA)/wikitext-2-raw/wiki.test.raw,)
-PRESET ?= $(if $(filter $(TINY) $(TINY)/,$(MODEL)),--preset tiny $(CALIB_DATA),)
+PRESET ?= $(if $(filter $(TINY) $(addsuffix /,$(TINY)),$(MODEL)),--preset tiny $(CALIB_DATA),)
 ARGS ?=
 LLMCOMPRESSOR ?=
 NPROC ?=
