@@ -98,6 +98,11 @@ def holder(root: Path) -> str | None:
     return None
 
 
+def live_run(root: Path, pid: str) -> InputError:
+    return InputError(f"a live run (pid {pid}) is writing {root}: wait for it or stop it; --overwrite never "
+                      "replaces a live run's output")
+
+
 def check(cfg, src: Path, run: dict, held: bool = False) -> dict | None:
     """Refuse a bad `--out` before any work (creates nothing). Returns the resume point to continue from
     (`--resume` of the same run), or None to start afresh. `held`: this process holds the lock."""
@@ -114,8 +119,7 @@ def check(cfg, src: Path, run: dict, held: bool = False) -> dict | None:
         raise InputError(f"--out {out} cannot be written: {parent} is not a writable directory")
     pid = None if held else holder(root)
     if pid:
-        raise InputError(f"a live run (pid {pid}) is writing {root}: wait for it or stop it; --overwrite never "
-                         "replaces a live run's output")
+        raise live_run(root, pid)
     started = root.exists() and any(p.name != LOCK for p in root.iterdir())
     if out.exists() and not (cfg.overwrite or cfg.resume):
         raise InputError(f"output {out} exists: pass --overwrite to replace it")
@@ -149,8 +153,7 @@ def claim(cfg, src: Path, run: dict) -> Path:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise InputError(f"a live run (pid {holder(root) or '?'}) is writing {root}: wait for it or stop it; "
-                         "--overwrite never replaces a live run's output") from None
+        raise live_run(root, holder(root) or "?") from None
     try:
         point = check(cfg, src, run, held=True)
     except InputError:
