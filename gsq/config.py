@@ -54,6 +54,13 @@ class Config:
     token_weights: str = _f("uniform", "weight of a token's output error in GPTQ's Hessians and GSQ's loss: uniform, "
                             "or router (g^2, the square of the router weight the layer output applies)",
                             choices=["uniform", "router"])
+    finetune_scales: int = _f(0, "steps of the end-to-end scale fine-tune after the last layer: codes fixed, every "
+                              "expert's scales trained on the KL to the original model (0: off)")
+    finetune_lr: float = _f(1e-3, "Adam learning rate of the fine-tune's scale factors (scale = initial * factor)")
+    targets: str = _f("quantized", "what each expert's output is trained towards: quantized (the original expert on "
+                      "the quantized model's inputs), or original (the original expert on the original model's "
+                      "inputs, so a layer also absorbs the error earlier layers left; holds both models' states)",
+                      choices=["quantized", "original"])
     min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
     experts_per_batch: int = _f(0, "experts of a rank trained together (0: as many as the memory plan fits, "
                                    "at most 16)")

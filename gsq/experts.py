@@ -50,10 +50,11 @@ def counts(layer, calib) -> list:
 
 
 @torch.no_grad()
-def routed(layer, calib, batch: list, owner: dict) -> dict:
+def routed(layer, calib, batch: list, owner: dict, original=None) -> dict:
     """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
-    delivered to their owners: {expert: (x `[n, H]`, router weights g_e(x) `[n]` float32)} for this rank's
-    experts. An expert's tokens come in the canonical order (block's position in `batch`, then token),
+    delivered to their owners: {expert: (x `[n, H]`, router weights g_e(x) `[n]` float32, the same tokens'
+    inputs in the original model `[n, H]` or None)} for this rank's experts (`original`: the original
+    model's states, as `calib` holds the quantized model's). An expert's tokens come in the canonical order (block's position in `batch`, then token),
     whichever rank computed them. Ranks send in rounds of one block each (memory: one block's tokens out,
     the step's tokens in); a weight travels exactly, as its float32 bits in the integer metadata."""
     E, dev, W = adapter.num_experts(layer), calib.device, dist.world()
@@ -64,7 +65,7 @@ def routed(layer, calib, batch: list, owner: dict) -> dict:
     held = [[pos for pos, b in enumerate(batch) if b % W == r] for r in range(W)]  # the same on every rank
     got_rows, got_meta = [], []
     for j in range(max(map(len, held))):
-        rows = torch.empty(0, H, dtype=calib.dtype, device=dev)
+        rows = torch.empty(0, H * (1 if original is None else 2), dtype=calib.dtype, device=dev)
         meta = torch.empty(0, 4, dtype=torch.int64, device=dev)
         if j < len(held[dist.rank()]):
             pos = held[dist.rank()][j]
@@ -76,6 +77,9 @@ def routed(layer, calib, batch: list, owner: dict) -> dict:
             tok, slot, e = tok[order], slot[order], e[order]
             bits = g[tok, slot].float().view(torch.int32).long()
             rows, meta = x[tok].to(calib.dtype), torch.stack([dest[e], e, pos * per_block + tok, bits], 1)
+            if original is not None:  # the original model's input of each token rides along in the same row
+                x_orig = adapter.moe_input(layer, original.get(batch[pos], compute_dtype(layer)))
+                rows = torch.cat([rows, x_orig[tok].to(calib.dtype)], 1)
         sizes = torch.bincount(meta[:, 0], minlength=W).tolist()
         rows, meta = dist.exchange(rows, meta[:, 1:], sizes)
         got_rows.append(rows)
@@ -86,7 +90,8 @@ def routed(layer, calib, batch: list, owner: dict) -> dict:
     rows, experts, g = rows[order], meta[order, 0], meta[order, 2].int().view(torch.float32)
     sizes = torch.bincount(experts, minlength=E).tolist()
     split, weights = rows.split(sizes), g.split(sizes)
-    return {e: (split[e], weights[e]) for e, r in owner.items() if r == dist.rank()}
+    return {e: (split[e][:, :H], weights[e], None if original is None else split[e][:, H:])
+            for e, r in owner.items() if r == dist.rank()}
 
 
 def in_batches(blocks: list, per_batch: int) -> list:
@@ -107,7 +112,7 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
     H = {e: [0, 0, 0] for e in fp}
     first = list(range(-(-min(cfg.gptq_samples, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
-        for e, (x, g) in routed(layer, calib, batch, owner).items():
+        for e, (x, g, _) in routed(layer, calib, batch, owner).items():
             x = x.float()
             gate, up, _ = fp[e]
             mid = F.silu(x @ gate.T) * (x @ up.T)
@@ -131,9 +136,11 @@ def init_expert(weights, H, cfg):
     return rtn, init
 
 
-def refine(layer, calib, owner: dict, fp: dict, init: dict, seeds: list, batches: list, cfg, dtype, bar) -> tuple:
+def refine(layer, calib, original, owner: dict, fp: dict, init: dict, seeds: list, batches: list, cfg, dtype,
+           bar) -> tuple:
     """GSQ on the experts of `owner` (all of them trained) over `batches`: {expert: hard codes+scales} for
-    this rank's, and the loss trajectory."""
+    this rank's, and the loss trajectory. With `original` (the original model's states), each token's target
+    is the expert's output on the token's original input (`--targets original`)."""
     mine = sorted(e for e, r in owner.items() if r == dist.rank())
     local = cfg.bits > 2
     grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
@@ -149,11 +156,12 @@ def refine(layer, calib, owner: dict, fp: dict, init: dict, seeds: list, batches
         opt = optimizer(module, cfg)
     trajectory = []
     for t, batch in enumerate(batches):
-        tokens = routed(layer, calib, batch, owner)  # every rank takes part, with experts of its own or not
+        tokens = routed(layer, calib, batch, owner, original)  # every rank takes part, with experts of its own or not
         if mine:
             xs = [tokens[e][0] for e in mine]
             gs = [tokens[e][1] for e in mine] if cfg.token_weights == "router" else None
-            losses = step(module, opt, xs, weights, t, len(batches), cfg, [seeds[e] for e in mine], dtype, gs)
+            xt = [tokens[e][2] for e in mine] if original is not None else None
+            losses = step(module, opt, xs, weights, t, len(batches), cfg, [seeds[e] for e in mine], dtype, gs, xt)
             if t % max(1, len(batches) // 10) == 0 or t == len(batches) - 1:
                 trajectory.append((t, losses.nanmean().item()))
         bar.update()
@@ -170,7 +178,7 @@ def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
     sums = {e: torch.zeros(len(results[e]) + 1, dtype=torch.float64) for e in fp}  # errors..., target
     first = list(range(-(-min(MEASURE, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
-        for e, (x, _) in routed(layer, calib, batch, owner).items():
+        for e, (x, _, _) in routed(layer, calib, batch, owner).items():
             errs, ref = output_errors(x.float(), fp[e], [[dequant(c, s).to(x.device) for c, s in q] for q in results[e]])
             sums[e] += torch.tensor([*errs, ref], dtype=torch.float64)
     return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}
@@ -187,11 +195,10 @@ def unpacked(result: tuple) -> tuple:
     return unpack(words, 2 if bits == 2 else 4, n), scales
 
 
-def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int):
+def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=None):
     """Packed codes and scales of every routed expert of layer i (`final[e][p]`, see `packed`), and the
-    layer's statistics; the layer's experts
-    are replaced by their quantized weights (exactly as the checkpoint will dequantize them). GSQ trains
-    in `dtype`, the checkpoint's, and its scales are rounded to it."""
+    layer's statistics. GSQ trains in `dtype`, the checkpoint's, and its scales are rounded to it. The
+    layer keeps its original experts (`set_quantized` replaces them)."""
     t0 = time.time()
     E = adapter.num_experts(layer)
     count = counts(layer, calib)
@@ -211,7 +218,7 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int):
         H = hessians(layer, calib, owner, fp, cfg) if uses_gptq(cfg) else {e: (None, None, 0) for e in fp}
         results = {e: init_expert(fp[e], H[e], cfg) for e in fp}  # (rtn, init)
         del H
-        learned, traj = refine(layer, calib, {e: r for e, r in owner.items() if e in trained}, fp,
+        learned, traj = refine(layer, calib, original, {e: r for e, r in owner.items() if e in trained}, fp,
                                {e: q[1] for e, q in results.items()}, seeds, batches if trained & set(owner) else [],
                                cfg, dtype, bar)
         trajectory += traj
@@ -223,8 +230,6 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int):
     final = [got[e][0] for e in range(E)]
     errs = {e: got[e][1] for e in got if got[e][1] is not None and count[e] >= cfg.min_tokens}
     per_expert = {name: [errs[e][k] for e in sorted(errs)] for k, name in enumerate(("rtn", "init", "gsq"))}
-    for e in range(E):
-        adapter.set_expert_weights(layer, e, *(dequant(*unpacked(q)).to(dtype) for q in final[e]))  # exact in dtype
     stats = {"layer": i, "method": cfg.method, "init": "GPTQ" if uses_gptq(cfg) else "RTN",
              "tokens_per_expert": count, "steps": steps, "gsq_experts": len(trained),
              "rtn_init_experts": [e for e in range(E) if count[e] < cfg.min_tokens],
@@ -233,3 +238,10 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int):
              **{f"err_{k}": sum(v) / max(1, len(v)) for k, v in per_expert.items()}, "err_per_expert": per_expert,
              "loss_trajectory": trajectory[-1:]}
     return final, stats
+
+
+def set_quantized(layer, final: list, dtype):
+    """Replace the layer's routed experts by their quantized weights, exactly as the checkpoint will
+    dequantize them (in `dtype`)."""
+    for e, projs in enumerate(final):
+        adapter.set_expert_weights(layer, e, *(dequant(*unpacked(q)).to(dtype) for q in projs))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, dist, experts, export, partial, plan, stream
+from gsq import acts, adapter, dist, experts, export, finetune, partial, plan, stream
 from gsq import calib as calibration
 from gsq.config import Config
 from gsq.eval import (check_model_dir, eval_windows, load_tokenizer, model_config, pick_device, summarize,
@@ -51,17 +51,23 @@ def layer_pass(model, layer, stores: list, compute):
             store.put(b, layer(h, attention_mask=None, **adapter.positions(model, h)))
 
 
-def moe_layer(model, layer, i: int, calib, cfg, dtype, compute, experts_per_batch: int):
+def moe_layer(model, layer, i: int, calib, original, cfg, dtype, compute, experts_per_batch: int):
     """A MoE layer on the calibration windows: attention, its routed experts quantized, then the MoE
-    block with the quantized experts. Returns the packed experts and the layer's statistics."""
+    block with the quantized experts. Returns the packed experts and the layer's statistics. `original`
+    (or None) holds the original model's states, which pass the layer with its original experts."""
+    stores = [s for s in (calib, original) if s is not None]
     with torch.no_grad():
-        for b in calib.blocks:
-            h = calib.get(b, compute)
-            calib.put(b, adapter.attention_residual(layer, h, **adapter.positions(model, h)))
-    final, stats = experts.quantize(layer, i, calib, cfg, dtype, experts_per_batch)
-    with torch.no_grad():
-        for b in calib.blocks:
-            calib.put(b, adapter.moe_output(layer, calib.get(b, compute)))
+        for store in stores:
+            for b in store.blocks:
+                h = store.get(b, compute)
+                store.put(b, adapter.attention_residual(layer, h, **adapter.positions(model, h)))
+    final, stats = experts.quantize(layer, i, calib, cfg, dtype, experts_per_batch, original)
+    for store in stores[::-1]:  # the original states first, while the layer has its original experts
+        if store is calib:
+            experts.set_quantized(layer, final, dtype)
+        with torch.no_grad():
+            for b in store.blocks:
+                store.put(b, adapter.moe_output(layer, store.get(b, compute)))
     return final, stats
 
 
@@ -130,6 +136,10 @@ def run(cfg: Config) -> dict:
     placement = memory.placement  # on a CPU, "device" is host memory
     calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden_size), placement, device, dtype, work)
     stores = [calib]
+    original = None  # --targets original: the original model's states beside the quantized model's
+    if cfg.targets == "original":
+        original = acts.Activations("orig", calib.shape, placement, device, dtype, work)
+        stores.append(original)
     evals = None
     if windows is not None:
         evals = acts.Activations("eval", (windows.shape[0], cfg.eval_seqlen, hidden_size), placement, device, dtype, work)
@@ -147,7 +157,7 @@ def run(cfg: Config) -> dict:
     else:
         start, record = 0, {"calibration": note, "layers": [], "ppl": []}
         with torch.no_grad():
-            for store, tokens in ((calib, ids), (evals, windows)):
+            for store, tokens in ((calib, ids), (original, ids), (evals, windows)):
                 if store is not None:
                     store.begin(-1)
                     for b in store.blocks:
@@ -177,13 +187,13 @@ def run(cfg: Config) -> dict:
             store.begin(i)
         final, stats = None, {"layer": i, "moe": False}
         if adapter.is_moe(layer):
-            final, stats = moe_layer(model, layer, i, calib, cfg, dtype, compute, memory.experts_per_batch)
+            final, stats = moe_layer(model, layer, i, calib, original, cfg, dtype, compute, memory.experts_per_batch)
             stats["moe"] = True
-            layer_pass(model, layer, stores[1:], compute)
+            layer_pass(model, layer, [s for s in stores if s not in (calib, original)], compute)
         else:
             layer_pass(model, layer, stores, compute)
         if writer:
-            export.write_unit(root, f"layer{i:05d}", layer_shard(ckpt, arch, i, final, cfg.container),
+            export.write_unit(root, unit_name(i), layer_shard(ckpt, arch, i, final, cfg.container),
                               cfg.max_shard_bytes)
         stream.unload_layer(model, i)
         del layer, final
@@ -204,6 +214,20 @@ def run(cfg: Config) -> dict:
         if writer:
             partial.save_state(root, done, record, this_run)
 
+    if cfg.finetune_scales:
+        if ids is None:  # a resumed run: the same windows again, from the seed
+            ids, _ = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
+                                                 cfg.seqlen, cfg.seed)
+        trained, record["finetune"] = finetune.run(model, ckpt, arch, root, work, unit_name, ids, cfg, dtype,
+                                                   device, compute)
+        for i, scales in trained.items():
+            if writer:
+                final = finetune.layer_results(root, unit_name(i), arch, i, scales, cfg)
+                export.write_unit(root, unit_name(i), layer_shard(ckpt, arch, i, final, cfg.container),
+                                  cfg.max_shard_bytes)
+        if writer:
+            ft = record["finetune"]
+            print(f"scale fine-tune: {ft['steps']} steps, KL per token {ft['kl_first']:.4f} -> {ft['kl_last']:.4f}")
     if not writer:
         dist.finish()
         return record
@@ -221,6 +245,10 @@ def run(cfg: Config) -> dict:
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
     dist.finish()
     return record
+
+
+def unit_name(i: int) -> str:
+    return f"layer{i:05d}"
 
 
 def rest_keys(ckpt, arch, n_layers: int) -> list:

@@ -8,7 +8,8 @@ float32 on a CPU):
 - Python, torch and their libraries: RUNTIME bytes of host memory;
 - the embeddings, final norm and lm_head, in compute dtype, on the device;
 - one layer's weights, in compute dtype, on the device (and twice on the host while it is loaded);
-- the layer inputs: the rank's share of the windows x S x H x d (calibration + perplexity watch), on the
+- the layer inputs: the rank's share of the windows x S x H x d (calibration, twice with `--targets original`,
+  + perplexity watch), on the
   device, on the host, or on disk (`--activations`);
 - a layer pass over one block of windows: an allowance of 10 x H x c per token;
 - a group of `--experts-per-batch` experts in training: per weight 3 x L x 4 bytes (logits, their gradient,
@@ -17,16 +18,21 @@ float32 on a CPU):
   (the reference path keeps the probabilities);
 - one step's routed tokens, two copies each (as exchanged, sorted): one block's slots of the group's
   experts sent per round (BLOCK x S x k x their share), and this rank's experts' received at IMBALANCE
-  times the mean load, x H x d; and one expert at a time through the SwiGLU with autograd,
+  times the mean load, x H x d (twice with `--targets original`: each token's original input rides along);
+  and one expert at a time through the SwiGLU with autograd,
   IMBALANCE x B x S x k / E tokens x (16 H + 8 I) bytes;
 - the perplexity watch's copy of its windows; the layer's packed results (gathered through the GPU
   under NCCL);
 - GPTQ: the group's Hessians, 4 (H^2 + I^2) each, its float32 weights and codes (6 bytes per weight),
   one expert's workspace 4 (3 H^2 + 2 H I), and one step's routed tokens;
 - the layer's results, packed (2 or 4 bits per weight), on the host;
+- `--finetune-scales`: every MoE layer's codes (1 byte per expert weight) and scales (5 x 4 bytes per group:
+  initial, factor, gradient, Adam's moments), the rank's share of a minibatch's states at every layer's
+  input and at the top, one layer's dequantized experts and their gradients, a layer pass with autograd
+  (3 x the allowance), and 4 copies of CHUNK tokens' logits;
 - on disk: the resume point, the rank's layer inputs (on disk, also the next layer's being written).
-The device holds all of that but the phases, and the largest of the three phases (layer pass, init,
-training), which never overlap; a host holds that for each of its ranks. Everything is usable up to
+The device holds all of that but the phases, and the largest of the phases (layer pass, init,
+training, fine-tune), which never overlap; a host holds that for each of its ranks. Everything is usable up to
 HEADROOM of the memory given. Disk space is not checked.
 """
 
@@ -37,7 +43,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gsq import acts, adapter
+from gsq import acts, adapter, finetune
 from gsq.errors import InputError
 
 HEADROOM = 0.9  # usable fraction of each memory (allocator, CUDA context, fragmentation)
@@ -105,13 +111,13 @@ def dimensions(tcfg, model) -> dict:
     moe = [layer for layer in layers if adapter.is_moe(layer)]
     E, I2, H = moe[0].mlp.experts.gate_up_proj.shape
     return dict(model_type=tcfg.model_type, layers=len(layers), moe_layers=len(moe), experts=E,
-                top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2,
+                top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2, vocab=tcfg.vocab_size,
                 layer_params=max(sum(t.numel() for t in layer.state_dict().values()) for layer in layers),
                 params=sum(t.numel() for t in model.state_dict().values()),
                 global_params=sum(t.numel() for n, t in model.state_dict().items() if ".layers." not in n))
 
 
-PHASES = ("layer pass", "GPTQ init", "GSQ training")
+PHASES = ("layer pass", "GPTQ init", "GSQ training", "scale fine-tune")
 
 
 def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
@@ -121,14 +127,15 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     B, S = cfg.batch_size, cfg.seqlen
     windows = acts.rank_windows(cfg.num_samples, 0, N)  # rank 0 holds the most
     eval_windows = acts.rank_windows(cfg.eval_windows, 0, N) if cfg.eval_every else 0
-    inputs = (windows * S + eval_windows * cfg.eval_seqlen) * H * d
+    stored = 2 if cfg.targets == "original" else 1  # the original model's states beside the quantized model's
+    inputs = (stored * windows * S + eval_windows * cfg.eval_seqlen) * H * d
     L = 4 if cfg.bits == 2 else 5
     per_weight = 3 * L * 4 + 4 * d + 4 + 2 + (4 * L if s.cpu else 0)
     expert = 3 * H * I
     mean_tokens = B * S * k / E  # routed to one expert in one step, on average
     # one block's token slots for the group's experts out (and its sorted copy), the step's tokens for
     # this rank's experts in (and their sorted copy)
-    tokens = 2 * (acts.BLOCK * S * k * min(1.0, epb * N / E) + IMBALANCE * mean_tokens * epb) * H * d
+    tokens = 2 * stored * (acts.BLOCK * S * k * min(1.0, epb * N / E) + IMBALANCE * mean_tokens * epb) * H * d
     phases = {
         "layer pass (one block of windows)": acts.BLOCK * max(S, cfg.eval_seqlen) * PASS_ALLOWANCE * H * c,
         "GPTQ init (the group's Hessians and float32 weights, one workspace)":
@@ -136,6 +143,13 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
         "GSQ training (the group's logits, Lion state, soft weights; a step's tokens)":
             epb * expert * per_weight + tokens + IMBALANCE * mean_tokens * (16 * H + 8 * I),
     }
+    if cfg.finetune_scales:
+        weights = m["moe_layers"] * E * expert
+        kept = acts.rank_windows(min(B, cfg.num_samples), 0, N) * S * H * c  # a minibatch's states, this rank's
+        phases["scale fine-tune (codes, scales and Adam state; every layer's input; one layer's weights, "
+               "gradients and logits)"] = (weights + weights // cfg.group_size * 4 * 5 + (m["layers"] + 2) * kept
+                                           + 2 * E * expert * c + 3 * acts.BLOCK * S * PASS_ALLOWANCE * H * c
+                                           + 4 * finetune.CHUNK * m["vocab"] * 4)
     layer, outside = m["layer_params"] * c, m["global_params"] * c
     items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
              "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),

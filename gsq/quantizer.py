@@ -116,12 +116,13 @@ def optimizer(model: ExpertCodes, cfg) -> Lion:
 
 
 def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, seeds: list, dtype,
-         gs: list | None = None):
+         gs: list | None = None, xt: list | None = None):
     """Optimizer step t of `steps` for the E experts of `model`: soft experts match the full-precision
     experts `fp` (gate, up, down stacked `[E, ...]`) on the tokens `xs[e]` `[n_e, H]` the minibatch routed
     to expert e. The loss of expert e is its relative output MSE, each token's error weighted by g^2 when
-    its router weights `gs[e]` `[n_e]` are given (the layer adds g * f_e(x)); experts with no token do not
-    move. `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
+    its router weights `gs[e]` `[n_e]` are given (the layer adds g * f_e(x)); the target is the full-precision
+    expert on `xt[e]` (the tokens' inputs in the original model) when given, else on `xs[e]`; experts with no
+    token do not move. `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
     tau, kappa = linear(*cfg.tau, t, steps), linear(*cfg.kappa, t, steps)
     for g, lr in zip(opt.param_groups, (cfg.lr_logits, cfg.lr_scales)):
         g["lr"] = lr * cosine(t, steps, cfg.lr_final)
@@ -140,7 +141,8 @@ def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int,
         pad = -x.shape[0] % ROWS
         x = F.pad(x.to(fp[0].device, dtype), (0, 0, 0, pad))
         with torch.no_grad():
-            target = swiglu(x, *(w[e] for w in fp)).float()
+            x_target = x if xt is None else F.pad(xt[e].to(fp[0].device, dtype), (0, 0, 0, pad))
+            target = swiglu(x_target, *(w[e] for w in fp)).float()
         y = swiglu(x, *leaves[e]).float()
         if gs is None:
             loss = ((y - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)

@@ -72,3 +72,15 @@ def test_dense_model_is_refused(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == \
         "error: unsupported architecture 'llama' (supported: deepseek_v3, kimi_k25, qwen3_moe, qwen3_next, mixtral, minimax_m2, kimi_linear, gpt_oss)"
+
+
+def test_original_targets_change_every_moe_layer_after_the_first(quantized, tmp_path):
+    """--targets original: each expert is trained towards its output on the original model's inputs. At the
+    first MoE layer those are the quantized model's inputs (only a dense layer came before), so its bytes are
+    the default's; every later MoE layer has other targets."""
+    out = tmp_path / "original-targets"
+    proc = quantize("--out", str(out), *FAST, "--targets", "original")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, default = digest(out), digest(quantized)
+    shards = [f"model-layer{i:05d}-000.safetensors" for i in range(7)]
+    assert [ours[s] == default[s] for s in shards] == [True, True] + [False] * 5

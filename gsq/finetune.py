@@ -1,0 +1,196 @@
+"""End-to-end scale fine-tune after the last layer (`--finetune-scales STEPS`): the codes stay fixed; every
+routed expert's group scales are trained so that the quantized model's next-token distribution matches
+the original model's (KL) on the calibration windows. The paper's scale-only fine-tune.
+
+    read     every MoE layer's codes and scales back from the layer shards the run has written
+    step t   the blocks of minibatch t (--batch-size windows, seeded epochs; each rank its own blocks):
+             forward, layer by layer: the original layer on the original states, the quantized layer
+                 on the quantized states (its input kept)
+             KL(original || quantized) at the top, over the vocabulary in chunks of tokens -> dKL/dh
+             backward, layer by layer from the top: each layer loaded again and run with gradients
+             one Adam step on the factors m (scale = s0 * m, one per group), gradients summed over ranks
+    write    the trained scales, rounded to the checkpoint dtype, into `finetuned.safetensors` (the
+             resume point of this stage), then into each layer's shard
+
+Memory: one layer, the minibatch's states at every layer's input, and every expert's codes (int8) and
+scales (two float32 copies and Adam's two moments): 1 byte per expert weight plus 16 per group.
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from gsq import adapter, dist, stream
+from gsq.acts import BLOCK
+from gsq.experts import minibatches, packed
+from gsq.kernels.pack import unpack
+
+FILE = "finetuned.safetensors"
+CHUNK = 1024  # tokens whose logits are held at once at the top
+
+
+def read_layer(root, unit: str, arch, i: int, n_experts: int, container: int) -> tuple:
+    """Codes `[E, out, in]` int8 and scales `[E, out, in / G]` float32 of (gate+up, down) from the shards
+    of `unit` (gate rows first, as transformers fuses them)."""
+    tensors = {}
+    for shard in sorted(root.glob(f"model-{unit}-*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    parts = [[], [], [], []]  # gate+up codes, gate+up scales, down codes, down scales
+    for e in range(n_experts):
+        got = []
+        for p in range(3):
+            key = arch.expert_key(i, e, p)
+            n = int(tensors[key + ".weight_shape"][1])
+            got.append((unpack(tensors[key + ".weight_packed"], container, n), tensors[key + ".weight_scale"].float()))
+        parts[0].append(torch.cat([got[0][0], got[1][0]]))
+        parts[1].append(torch.cat([got[0][1], got[1][1]]))
+        parts[2].append(got[2][0])
+        parts[3].append(got[2][1])
+    return tuple(torch.stack(p) for p in parts)
+
+
+def dequant(codes, scales):
+    return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
+
+
+class Scales:
+    """The trainable factors of every MoE layer's scales, with the fixed codes and initial scales."""
+
+    def __init__(self, layers: dict, device):
+        self.codes = {i: (gu.to(device), d.to(device)) for i, (gu, _, d, _) in layers.items()}
+        self.base = {i: (sgu.to(device), sd.to(device)) for i, (_, sgu, _, sd) in layers.items()}
+        self.m = {i: [torch.ones_like(s) for s in self.base[i]] for i in layers}
+
+    def scales(self, i: int) -> list:
+        return [s * m for s, m in zip(self.base[i], self.m[i])]
+
+    def weights(self, i: int, dtype) -> list:
+        """The layer's fused expert weights (gate_up, down) as leaves that collect their gradients."""
+        return [dequant(c, s).to(dtype).requires_grad_() for c, s in zip(self.codes[i], self.scales(i))]
+
+    def factor_grads(self, i: int, leaves: list) -> list:
+        """dL/dm from the gradients of the dequantized weights: s0[g] * sum over group g of code * grad."""
+        out = []
+        for c, s, w in zip(self.codes[i], self.base[i], leaves):
+            g = w.grad if w.grad is not None else torch.zeros_like(w)
+            out.append((c.float() * g.float()).unflatten(-1, (s.shape[-1], -1)).sum(-1) * s)
+        return out
+
+
+def call(model, layer, x, weights=None):
+    """The decoder layer on states `[B, S, H]`; with `weights`, its routed experts are those tensors."""
+    kwargs = dict(attention_mask=None, **adapter.positions(model, x))
+    if weights is None:
+        return layer(x, **kwargs)
+    names = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    return torch.func.functional_call(layer, dict(zip(names, weights)), (x,), kwargs)
+
+
+def kl_top(model, h_q, h_fp) -> tuple:
+    """Summed KL(original || quantized) of the next-token distributions at states `[B, S, H]`, and its
+    gradient with respect to h_q, computed CHUNK tokens at a time."""
+    flat_q, flat_fp = h_q.reshape(-1, h_q.shape[-1]), h_fp.reshape(-1, h_fp.shape[-1])
+    grad, total = torch.empty_like(flat_q), 0.0
+    for r in range(0, flat_q.shape[0], CHUNK):
+        with torch.no_grad():
+            logp = F.log_softmax(model.lm_head(model.model.norm(flat_fp[r : r + CHUNK])).float(), -1)
+        q = flat_q[r : r + CHUNK].detach().requires_grad_()
+        logq = F.log_softmax(model.lm_head(model.model.norm(q)).float(), -1)
+        kl = (logp.exp() * (logp - logq)).sum()
+        kl.backward()
+        grad[r : r + CHUNK] = q.grad
+        total += kl.item()
+    return total, grad.view_as(h_q)
+
+
+def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
+    """`cfg.finetune_scales` Adam steps on the factors; returns the mean KL per token of each step."""
+    n_layers = len(model.model.layers)
+    factors = [m for i in sorted(scales.m) for m in scales.m[i]]
+    opt = torch.optim.Adam(factors, lr=cfg.finetune_lr)
+    n_blocks, per_batch = -(-ids.shape[0] // BLOCK), max(1, cfg.batch_size // BLOCK)
+    batches = minibatches(n_blocks, min(per_batch, n_blocks), cfg.finetune_scales, cfg.seed * 1_000_003 - 1)
+    history = []
+    bar = tqdm(batches, desc="scale fine-tune", disable=not dist.is_writer())
+    for t, batch in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = cfg.finetune_lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (
+                1 + math.cos(math.pi * t / max(1, len(batches) - 1))))
+        mine = [b for b in batch if b % dist.world() == dist.rank()]
+        tokens = {b: ids[b * BLOCK : (b + 1) * BLOCK].to(device) for b in mine}
+        with torch.no_grad():
+            q = {b: model.model.embed_tokens(x).to(compute) for b, x in tokens.items()}
+        fp = dict(q)
+        inputs = []
+        for i in range(n_layers):  # forward
+            layer = stream.load_layer(ckpt, model, arch, i, device, compute)
+            inputs.append(q)
+            with torch.no_grad():
+                w = [x.detach() for x in scales.weights(i, compute)] if i in scales.m else None
+                fp = {b: call(model, layer, x) for b, x in fp.items()}
+                q = {b: call(model, layer, x, w) for b, x in q.items()}
+            stream.unload_layer(model, i)
+        total, grads = 0.0, {}
+        for b in mine:
+            kl, grads[b] = kl_top(model, q[b], fp[b])
+            total += kl
+        n_tokens = sum(min(BLOCK, ids.shape[0] - b * BLOCK) for b in batch) * ids.shape[1]
+        for i in reversed(range(n_layers)):  # backward
+            layer = stream.load_layer(ckpt, model, arch, i, device, compute)
+            w = scales.weights(i, compute) if i in scales.m else None
+            for b in mine:
+                x = inputs[i][b].detach().requires_grad_()
+                torch.autograd.backward(call(model, layer, x, w), grads[b])
+                grads[b] = x.grad
+            if w is not None:
+                for m, g in zip(scales.m[i], scales.factor_grads(i, w)):
+                    m.grad = dist.all_sum(g) / n_tokens
+            stream.unload_layer(model, i)
+            del layer, w
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(dist.all_sum(torch.tensor([total], dtype=torch.float64)).item() / n_tokens)
+        bar.set_postfix(kl=f"{history[-1]:.4f}")
+    return history
+
+
+def run(model, ckpt, arch, root, work, unit, ids, cfg, dtype, device, compute) -> tuple:
+    """The stage as a whole: the trained scales of every MoE layer (`{i: (gate_up, down)}` in `dtype`) and the
+    stage's record; read from `work/FILE` when an interrupted run had finished training, else trained and
+    saved there (`unit(i)`: the name of layer i's shards in `root`)."""
+    moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
+    done = work / FILE
+    if not done.exists():
+        n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
+        layers = dist.on_writer(lambda: {i: read_layer(root, unit(i), arch, i, n_experts[i], cfg.container)
+                                         for i in moe})
+        scales = Scales(layers, device)
+        history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
+        record = {"steps": len(history), "kl_first": history[0], "kl_last": history[-1],
+                  "kl": history[:: max(1, len(history) // 20)]}
+        if dist.is_writer():
+            tmp = done.with_suffix(".tmp")
+            save_file({f"{i}.{p}": s.detach().to("cpu", dtype).contiguous()
+                       for i in moe for p, s in zip(("gate_up", "down"), scales.scales(i))}, tmp,
+                      metadata={"record": json.dumps(record)})
+            os.replace(tmp, done)
+        dist.barrier()
+    saved = dist.on_writer(lambda: (load_file(done), safe_open(done, "pt").metadata()["record"]))
+    return {i: (saved[0][f"{i}.gate_up"], saved[0][f"{i}.down"]) for i in moe}, json.loads(saved[1])
+
+
+def layer_results(root, unit: str, arch, i: int, trained: tuple, cfg) -> list:
+    """`final[e][p]` of layer i (see `experts.packed`): the codes read back from its shards, the trained scales."""
+    n_experts = trained[0].shape[0]
+    gu, _, d, _ = read_layer(root, unit, arch, i, n_experts, cfg.container)
+    inter = gu.shape[1] // 2
+    return [[packed(c, s, cfg.bits) for c, s in ((gu[e, :inter], trained[0][e, :inter]),
+                                                 (gu[e, inter:], trained[0][e, inter:]), (d[e], trained[1][e]))]
+            for e in range(n_experts)]
