@@ -59,7 +59,7 @@ inspect:
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test:
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # Kernel vs eager timings (CUDA), peak memory vs calibration windows (activations on disk and in host

@@ -8,7 +8,8 @@ the original model's (KL) on the calibration windows. The paper's scale-only fin
                  on the quantized states (its input kept)
              KL(original || quantized) at the top, over the vocabulary in chunks of tokens -> dKL/dh
              backward, layer by layer from the top: each layer loaded again and run with gradients
-             one Adam step on the factors m (scale = s0 * m, one per group), gradients summed over ranks
+             one Adam step on the factors m (scale = s0 * m, one per group), the gradients of the blocks
+             summed in block order (every rank gets every block's: the same bits for any number of ranks)
     write    the trained scales, rounded to the checkpoint dtype, into `finetuned.safetensors` (the
              resume point of this stage), then into each layer's shard
 
@@ -145,18 +146,24 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
         for i in reversed(range(n_layers)):  # backward
             layer = stream.load_layer(ckpt, model, arch, i, device, compute)
             w = scales.weights(i, compute) if i in scales.m else None
+            per_block = {}
             for b in mine:
                 x = inputs[i][b].detach().requires_grad_()
                 torch.autograd.backward(call(model, layer, x, w), grads[b])
                 grads[b] = x.grad
-            if w is not None:
-                for m, g in zip(scales.m[i], scales.factor_grads(i, w)):
-                    m.grad = dist.all_sum(g) / n_tokens
+                if w is not None:
+                    per_block[b] = [g.cpu() for g in scales.factor_grads(i, w)]
+                    for leaf in w:
+                        leaf.grad = None
+            if w is not None:  # summed block by block in block order: the same bits whatever the ranks
+                per_block = dist.gather(per_block)
+                for p, m in enumerate(scales.m[i]):
+                    m.grad = sum(per_block[b][p] for b in sorted(per_block)).to(m.device) / n_tokens
             stream.unload_layer(model, i)
             del layer, w
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append(dist.all_sum(torch.tensor([total], dtype=torch.float64)).item() / n_tokens)
+        history.append(sum(dist.gather({dist.rank(): total}).values()) / n_tokens)
         bar.set_postfix(kl=f"{history[-1]:.4f}")
     return history
 

@@ -71,12 +71,20 @@ def moe_layer(model, layer, i: int, calib, original, cfg, dtype, compute, expert
     return final, stats
 
 
-def perplexity(model, ckpt, arch, evals, windows, first_original: int, device, compute) -> float:
+def perplexity(model, ckpt, arch, evals, windows, first_original: int, device, compute, quantized=None) -> float:
     """Perplexity with layers before `first_original` quantized (their outputs are in `evals`) and the
-    original layers from there on, streamed from the checkpoint; every rank runs its windows."""
+    original layers from there on, streamed from the checkpoint; every rank runs its windows. With
+    `quantized` (layer -> its experts as `final`, or None), from the embeddings with those experts."""
     h = evals.scratch()
+    if quantized is not None:
+        with torch.no_grad():
+            h = {b: model.model.embed_tokens(windows[evals.windows(b)].to(device)).to(x.device, x.dtype)
+                 for b, x in h.items()}
     for j in range(first_original, len(model.model.layers)):
         layer = stream.load_layer(ckpt, model, arch, j, device, compute)
+        final = quantized(j) if quantized is not None else None
+        if final is not None:
+            experts.set_quantized(layer, final, evals.dtype)
         with torch.no_grad():
             for b, x in h.items():
                 x = x.to(device, compute)
@@ -124,7 +132,7 @@ def run(cfg: Config) -> dict:
     point = dist.on_writer(partial.check, cfg, src, this_run)  # the resume point of this same run, or None
     tokenizer = load_tokenizer(src)
     ids = note = windows = None  # the data, read and checked before anything is written
-    if point is None:
+    if point is None or cfg.finetune_scales:  # (the fine-tune reads the calibration windows again)
         ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
                                                 cfg.seqlen, cfg.seed)
     if cfg.eval_every:
@@ -215,19 +223,21 @@ def run(cfg: Config) -> dict:
             partial.save_state(root, done, record, this_run)
 
     if cfg.finetune_scales:
-        if ids is None:  # a resumed run: the same windows again, from the seed
-            ids, _ = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
-                                                 cfg.seqlen, cfg.seed)
         trained, record["finetune"] = finetune.run(model, ckpt, arch, root, work, unit_name, ids, cfg, dtype,
                                                    device, compute)
-        for i, scales in trained.items():
-            if writer:
-                final = finetune.layer_results(root, unit_name(i), arch, i, scales, cfg)
+        ft = record["finetune"]
+        if writer:
+            for i in trained:
+                final = finetune.layer_results(root, unit_name(i), arch, i, trained[i], cfg)
                 export.write_unit(root, unit_name(i), layer_shard(ckpt, arch, i, final, cfg.container),
                                   cfg.max_shard_bytes)
-        if writer:
-            ft = record["finetune"]
             print(f"scale fine-tune: {ft['steps']} steps, KL per token {ft['kl_first']:.4f} -> {ft['kl_last']:.4f}")
+        dist.barrier()
+        if windows is not None:  # every rank reads the written layers through rank 0
+            ft["ppl"] = perplexity(model, ckpt, arch, evals, windows, 0, device, compute, lambda i: dist.on_writer(
+                finetune.layer_results, root, unit_name(i), arch, i, trained[i], cfg) if i in trained else None)
+            if writer:
+                print(f"perplexity after the scale fine-tune: {ft['ppl']:.3f}")
     if not writer:
         dist.finish()
         return record

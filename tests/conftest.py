@@ -17,6 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs two workers on the two cores) each worker and every process it starts
+# computes on one thread: two workers of two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-deepseek-v3"
 QWEN_MODEL = ROOT / "models" / "tiny-qwen3-moe"  # the second bundled model: another routing shape
@@ -43,10 +49,10 @@ def wiki_rows():
 CALIB_DATA = ["--dataset", str(DATA / "wikitext-2" / "wiki.valid.tokens")]
 TINY_DATA = [*CALIB_DATA, "--eval-data", str(WIKI_TEST)]
 
-# Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers; the perplexity
-# watch on 4 windows of 128 tokens.
+# Small but real: GPTQ init + a few GSQ steps on every expert of all 6 MoE layers, 2 steps of the scale
+# fine-tune; the perplexity watch on 4 windows of 128 tokens.
 FAST = [*TINY_DATA, "--preset", "tiny", "--num-samples", "16", "--seqlen", "128", "--min-steps", "4", "--epochs", "0",
-        "--batch-size", "4", "--scale-grid", "20", "--eval-windows", "4", "--eval-seqlen", "128"]
+        "--batch-size", "4", "--scale-grid", "20", "--eval-windows", "4", "--eval-seqlen", "128", "--finetune-scales", "2"]
 
 
 def quantize(*args, wait=True, model=TINY_MODEL):
@@ -90,3 +96,12 @@ def kill_after_layer(proc, state, layer: int, kill=None):
     assert proc.poll() is None, "the run ended before it could be interrupted"
     (kill or (lambda: proc.send_signal(signal.SIGKILL)))()
     proc.wait()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """`make test` runs two xdist workers with --dist loadgroup: a test file goes to one worker whole (its
+    module fixtures are built once) unless its tests name their own group (the regression: one per model)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -1,5 +1,6 @@
 """`python tests/faulty_run.py KIND N MODULE ARGS...`: `python -m MODULE ARGS` (gsq.quantize, gsq.prune) with
-a fault at the N-th safetensors file it writes (layer shards, resume points and the rest, in that order):
+a fault at the N-th safetensors file it writes (layer shards, resume points, the fine-tuned scales, the
+layer shards again with them, and the rest, in that order):
 half of the file reaches the disk, then either the process is killed (`kill`, SIGKILL: nothing runs
 after) or the disk is full (`full`: the error safetensors raises for ENOSPC); or (`term`) the file is
 written whole and the process gets SIGTERM."""
@@ -32,7 +33,8 @@ def faulty_save(tensors, path, metadata=None):
 
 import gsq.export  # noqa: E402  (patched where they call it)
 import gsq.acts  # noqa: E402
+import gsq.finetune  # noqa: E402
 
-gsq.export.save_file = gsq.acts.save_file = faulty_save
+gsq.export.save_file = gsq.acts.save_file = gsq.finetune.save_file = faulty_save
 sys.argv = [f"python -m {module}", *args]
 runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -116,12 +116,17 @@ def faulty(kind, n, out, module="gsq.quantize", flags=FAST):
 
 # Files written with FAST on the 7-layer model: the resume point before layer 0 (4 blocks of calibration
 # windows, 1 of perplexity-watch windows) is writes 1-5; then per layer i its shard, write 6 + 6i, and the
-# resume point after it, writes 7 + 6i to 11 + 6i; the rest (embeddings, lm_head) write 48.
+# resume point after it, writes 7 + 6i to 11 + 6i; the fine-tuned scales write 48, the 6 MoE layers' shards
+# with them writes 49-54; the rest (embeddings, lm_head) write 55.
 def shard_write(i):
     return 6 + 6 * i
 
 
-@pytest.mark.parametrize("n", [shard_write(0), shard_write(2) + 3, 48], ids=["layer-0-shard", "resume-point-2", "rest"])
+FINETUNED, REST = 48, 55
+
+
+@pytest.mark.parametrize("n", [shard_write(0), shard_write(2) + 3, FINETUNED, FINETUNED + 3],
+                         ids=["layer-0-shard", "resume-point-2", "fine-tuned-scales", "fine-tuned-shard-3"])
 def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     out = tmp_path / "q"
     proc = faulty("kill", n, out)
@@ -134,7 +139,7 @@ def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / ".gsq-work").exists()
 
 
-@pytest.mark.parametrize("n", [shard_write(2), 48], ids=["layer-2-shard", "rest"])
+@pytest.mark.parametrize("n", [shard_write(2), REST], ids=["layer-2-shard", "rest"])
 def test_disk_full_is_clear_and_resumable(n, quantized, tmp_path):
     out = tmp_path / "q"
     proc = faulty("full", n, out)
