@@ -222,7 +222,7 @@ def run(cfg: Config) -> dict:
         if writer:
             partial.save_state(root, done, record, this_run)
 
-    if cfg.finetune_scales:
+    if cfg.finetune_scales and cfg.method == "gsq":  # part of GSQ: the baselines stay as their papers have them
         trained, record["finetune"] = finetune.run(model, ckpt, arch, root, work, unit_name, ids, cfg, dtype,
                                                    device, compute)
         ft = record["finetune"]

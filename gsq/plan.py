@@ -143,7 +143,7 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
         "GSQ training (the group's logits, Lion state, soft weights; a step's tokens)":
             epb * expert * per_weight + tokens + IMBALANCE * mean_tokens * (16 * H + 8 * I),
     }
-    if cfg.finetune_scales:
+    if cfg.finetune_scales and cfg.method == "gsq":
         weights = m["moe_layers"] * E * expert
         kept = acts.rank_windows(min(B, cfg.num_samples), 0, N) * S * H * c  # a minibatch's states, this rank's
         phases["scale fine-tune (codes, scales and Adam state; every layer's input; one layer's weights, "
