@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gsq import adapter, dist, gptq
+from gsq.export import unpacked
 from gsq.acts import BLOCK
-from gsq.kernels.pack import pack, unpack
+from gsq.kernels.pack import pack
 from gsq.quantizer import ExpertCodes, dequant, optimizer, output_errors, step
 
 MEASURE = 64  # windows whose tokens measure each expert's error
@@ -190,9 +191,6 @@ def packed(codes, scales, bits: int) -> tuple:
     return pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits
 
 
-def unpacked(result: tuple) -> tuple:
-    words, scales, n, bits = result
-    return unpack(words, 2 if bits == 2 else 4, n), scales
 
 
 def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=None):

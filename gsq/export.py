@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gsq.kernels.pack import pack
+from gsq.kernels.pack import pack, unpack
 
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
                           r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json)$")
@@ -27,6 +27,31 @@ def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, containe
     return {f"{key}.weight_packed": pack(codes, container).cpu(),
             f"{key}.weight_scale": scales.cpu().contiguous(),
             f"{key}.weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64)}
+
+
+def unit_name(i: int) -> str:
+    return f"layer{i:05d}"
+
+
+def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
+    """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
+    keys = ckpt.layer_keys(arch, i)
+    tensors = {}
+    expert_keys = set()
+    for e, projs in enumerate(final or []):
+        for p, result in enumerate(projs):
+            codes, scales = unpacked(result)
+            key = arch.expert_key(i, e, p)
+            expert_keys.add(key + ".weight")
+            tensors.update(expert_tensors(key, codes, scales, container))
+    tensors.update(ckpt.stored([k for k in keys if k not in expert_keys]))  # as the source stores them
+    return tensors
+
+
+def unpacked(result: tuple) -> tuple:
+    """Codes and scales of a result as kept until written (see gsq.experts.packed)."""
+    words, scales, n, bits = result
+    return unpack(words, 2 if bits == 2 else 4, n), scales
 
 
 def write_unit(root: Path, unit: str, tensors: dict, max_bytes: int):

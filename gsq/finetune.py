@@ -11,7 +11,7 @@ the original model's (KL) on the calibration windows. The paper's scale-only fin
              one Adam step on the factors m (scale = s0 * m, one per group), the gradients of the blocks
              summed in block order (every rank gets every block's: the same bits for any number of ranks)
     write    the trained scales, rounded to the checkpoint dtype, into `finetuned.safetensors` (the
-             resume point of this stage), then into each layer's shard
+             resume point of this stage), then each MoE layer's shards anew with them (`stage`)
 
 Memory: one layer, the minibatch's states at every layer's input, and every expert's codes (int8) and
 scales (two float32 copies and Adam's two moments): 1 byte per expert weight plus 16 per group.
@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gsq import adapter, dist, stream
+from gsq import adapter, dist, export, partial, stream
 from gsq.acts import BLOCK
 from gsq.experts import minibatches, packed
 from gsq.kernels.pack import unpack
@@ -168,15 +168,14 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     return history
 
 
-def run(model, ckpt, arch, root, work, unit, ids, cfg, dtype, device, compute) -> tuple:
-    """The stage as a whole: the trained scales of every MoE layer (`{i: (gate_up, down)}` in `dtype`) and the
-    stage's record; read from `work/FILE` when an interrupted run had finished training, else trained and
-    saved there (`unit(i)`: the name of layer i's shards in `root`)."""
+def trained_scales(model, ckpt, arch, root, ids, cfg, dtype, device, compute) -> tuple:
+    """The trained scales of every MoE layer (`{i: (gate_up, down)}` in `dtype`) and the stage's record; read
+    from `WORK/FILE` when an interrupted run had finished training, else trained and saved there."""
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
-    done = work / FILE
+    done = root / partial.WORK / FILE
     if not done.exists():
         n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
-        layers = dist.on_writer(lambda: {i: read_layer(root, unit(i), arch, i, n_experts[i], cfg.container)
+        layers = dist.on_writer(lambda: {i: read_layer(root, export.unit_name(i), arch, i, n_experts[i], cfg.container)
                                          for i in moe})
         scales = Scales(layers, device)
         history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
@@ -191,6 +190,42 @@ def run(model, ckpt, arch, root, work, unit, ids, cfg, dtype, device, compute) -
         dist.barrier()
     saved = dist.on_writer(lambda: (load_file(done), safe_open(done, "pt").metadata()["record"]))
     return {i: (saved[0][f"{i}.gate_up"], saved[0][f"{i}.down"]) for i in moe}, json.loads(saved[1])
+
+
+def stage(model, ckpt, arch, root, ids, cfg, dtype, device, compute) -> tuple:
+    """The fine-tune after the last layer: train (or take the saved result), then rewrite every MoE layer
+    with its trained scales. Returns the record and `{layer: final}` as a function (rank 0 reads the shards
+    and hands them to every rank), for the perplexity watch.
+
+    A layer is rewritten under a new unit name (`finetunedNNNNN`), listed in `WORK/REWRITTEN` once whole, and
+    only then is its first unit removed: an interruption anywhere leaves each layer complete under one of
+    the two names, and the resume rewrites the layers not listed."""
+    trained, record = trained_scales(model, ckpt, arch, root, ids, cfg, dtype, device, compute)
+    listed = root / partial.WORK / REWRITTEN
+    if dist.is_writer():
+        done = json.loads(listed.read_text()) if listed.exists() else []
+        for i in trained:
+            if i not in done:
+                final = layer_results(root, export.unit_name(i), arch, i, trained[i], cfg)
+                export.write_unit(root, unit(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
+                                  cfg.max_shard_bytes)
+                done.append(i)
+                tmp = listed.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done))
+                os.replace(tmp, listed)
+            for old in root.glob(f"model-{export.unit_name(i)}-*.safetensors"):
+                old.unlink()
+        print(f"scale fine-tune: {record['steps']} steps, KL per token {record['kl_first']:.4f} -> {record['kl_last']:.4f}")
+    dist.barrier()
+    return record, lambda i: dist.on_writer(layer_results, root, unit(i), arch, i, trained[i], cfg) if i in trained else None
+
+
+def unit(i: int) -> str:
+    """The name of layer i's shards once rewritten with its trained scales."""
+    return f"finetuned{i:05d}"
+
+
+REWRITTEN = "finetuned-layers.json"
 
 
 def layer_results(root, unit: str, arch, i: int, trained: tuple, cfg) -> list:

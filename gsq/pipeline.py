@@ -27,21 +27,6 @@ from gsq.config import Config
 from gsq.eval import (check_model_dir, eval_windows, load_tokenizer, model_config, pick_device, summarize,
                       window_sums, wikitext_rows)
 
-def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
-    """Layer i as written: its original tensors, routed experts replaced by packed codes and scales."""
-    keys = ckpt.layer_keys(arch, i)
-    tensors = {}
-    expert_keys = set()
-    for e, projs in enumerate(final or []):
-        for p, result in enumerate(projs):
-            codes, scales = experts.unpacked(result)
-            key = arch.expert_key(i, e, p)
-            expert_keys.add(key + ".weight")
-            tensors.update(export.expert_tensors(key, codes, scales, container))
-    tensors.update(ckpt.stored([k for k in keys if k not in expert_keys]))  # as the source stores them
-    return tensors
-
-
 @torch.no_grad()
 def layer_pass(model, layer, stores: list, compute):
     """h = layer(h) for every block of windows in `stores`, in place."""
@@ -201,7 +186,7 @@ def run(cfg: Config) -> dict:
         else:
             layer_pass(model, layer, stores, compute)
         if writer:
-            export.write_unit(root, unit_name(i), layer_shard(ckpt, arch, i, final, cfg.container),
+            export.write_unit(root, export.unit_name(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
                               cfg.max_shard_bytes)
         stream.unload_layer(model, i)
         del layer, final
@@ -223,21 +208,11 @@ def run(cfg: Config) -> dict:
             partial.save_state(root, done, record, this_run)
 
     if cfg.finetune_scales and cfg.method == "gsq":  # part of GSQ: the baselines stay as their papers have them
-        trained, record["finetune"] = finetune.run(model, ckpt, arch, root, work, unit_name, ids, cfg, dtype,
-                                                   device, compute)
-        ft = record["finetune"]
-        if writer:
-            for i in trained:
-                final = finetune.layer_results(root, unit_name(i), arch, i, trained[i], cfg)
-                export.write_unit(root, unit_name(i), layer_shard(ckpt, arch, i, final, cfg.container),
-                                  cfg.max_shard_bytes)
-            print(f"scale fine-tune: {ft['steps']} steps, KL per token {ft['kl_first']:.4f} -> {ft['kl_last']:.4f}")
-        dist.barrier()
-        if windows is not None:  # every rank reads the written layers through rank 0
-            ft["ppl"] = perplexity(model, ckpt, arch, evals, windows, 0, device, compute, lambda i: dist.on_writer(
-                finetune.layer_results, root, unit_name(i), arch, i, trained[i], cfg) if i in trained else None)
+        record["finetune"], finetuned = finetune.stage(model, ckpt, arch, root, ids, cfg, dtype, device, compute)
+        if windows is not None:
+            record["finetune"]["ppl"] = perplexity(model, ckpt, arch, evals, windows, 0, device, compute, finetuned)
             if writer:
-                print(f"perplexity after the scale fine-tune: {ft['ppl']:.3f}")
+                print(f"perplexity after the scale fine-tune: {record['finetune']['ppl']:.3f}")
     if not writer:
         dist.finish()
         return record
@@ -255,10 +230,6 @@ def run(cfg: Config) -> dict:
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
     dist.finish()
     return record
-
-
-def unit_name(i: int) -> str:
-    return f"layer{i:05d}"
 
 
 def rest_keys(ckpt, arch, n_layers: int) -> list:

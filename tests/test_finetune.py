@@ -41,7 +41,7 @@ def test_finetune_lowers_the_kl_on_its_windows(quantized, tmp_path):
     stream.load_globals(ckpt, model, arch, device, compute)
     ids, _ = calibration.calibration_ids(load_tokenizer(TINY_MODEL), cfg.dataset, "text", 4, 64, 0)
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
-    layers = {i: finetune.read_layer(root, pipeline.unit_name(i), arch, i, adapter.num_experts(model.model.layers[i]),
+    layers = {i: finetune.read_layer(root, finetune.unit(i), arch, i, adapter.num_experts(model.model.layers[i]),
                                      cfg.container) for i in moe}
     scales = finetune.Scales(layers, device)
     history = finetune.train(model, ckpt, arch, scales, ids, cfg, device, compute)
