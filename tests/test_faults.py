@@ -325,8 +325,8 @@ def foreign(dst):
 
 
 READERS = {  # row: (build from the quantized checkpoint and a path, words of gsq.inspect's line, of gsq.eval's)
-    "truncated shard": (lambda q, d: truncated_shard(shutil.copytree(q, d), "model-layer00003-000.safetensors"),
-                        *[["model-layer00003-000.safetensors is truncated or corrupt"]] * 2),
+    "truncated shard": (lambda q, d: truncated_shard(shutil.copytree(q, d), "model-finetuned00003-000.safetensors"),
+                        *[["model-finetuned00003-000.safetensors is truncated or corrupt"]] * 2),
     "mixed bit widths": (mixed, *[["int32 words per row, but the 4-bit codes", "do not have the bit width"]] * 2),
     "foreign format": (lambda q, d: foreign(d), *[["source quantization 'awq' is not supported"]] * 2),
     "not a checkpoint": (lambda q, d: d.mkdir() or d, ["is not a checkpoint directory (no config.json)"],
