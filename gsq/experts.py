@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gsq import adapter, dist, gptq
-from gsq.export import unpacked
 from gsq.acts import BLOCK
+from gsq.export import unpacked
 from gsq.kernels.pack import pack
 from gsq.quantizer import ExpertCodes, dequant, optimizer, output_errors, step
 
@@ -55,8 +55,8 @@ def routed(layer, calib, batch: list, owner: dict, original=None) -> dict:
     """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
     delivered to their owners: {expert: (x `[n, H]`, router weights g_e(x) `[n]` float32, the same tokens'
     inputs in the original model `[n, H]` or None)} for this rank's experts (`original`: the original
-    model's states, as `calib` holds the quantized model's). An expert's tokens come in the canonical order (block's position in `batch`, then token),
-    whichever rank computed them. Ranks send in rounds of one block each (memory: one block's tokens out,
+    model's states, as `calib` holds the quantized model's). An expert's tokens come in the canonical order
+    (block's position in `batch`, then token), whichever rank computed them. Ranks send in rounds of one block each (memory: one block's tokens out,
     the step's tokens in); a weight travels exactly, as its float32 bits in the integer metadata."""
     E, dev, W = adapter.num_experts(layer), calib.device, dist.world()
     H = layer.post_attention_layernorm.weight.shape[0]
@@ -189,8 +189,6 @@ def packed(codes, scales, bits: int) -> tuple:
     """A result as kept until the layer is written (and as ranks exchange it): 16 codes per int32 (2-bit)
     or 8 (3, 4 bits), the scales, the row length."""
     return pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits
-
-
 
 
 def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=None):

@@ -18,7 +18,6 @@ scales (two float32 copies and Adam's two moments): 1 byte per expert weight plu
 """
 
 import json
-import math
 import os
 
 import torch
@@ -31,6 +30,7 @@ from gsq import adapter, dist, export, partial, stream
 from gsq.acts import BLOCK
 from gsq.experts import minibatches, packed
 from gsq.kernels.pack import unpack
+from gsq.quantizer import cosine, dequant
 
 FILE = "finetuned.safetensors"
 CHUNK = 1024  # tokens whose logits are held at once at the top
@@ -55,10 +55,6 @@ def read_layer(root, unit: str, arch, i: int, n_experts: int, container: int) ->
         parts[2].append(got[2][0])
         parts[3].append(got[2][1])
     return tuple(torch.stack(p) for p in parts)
-
-
-def dequant(codes, scales):
-    return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
 
 
 class Scales:
@@ -122,8 +118,7 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     bar = tqdm(batches, desc="scale fine-tune", disable=not dist.is_writer())
     for t, batch in enumerate(bar):
         for group in opt.param_groups:
-            group["lr"] = cfg.finetune_lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (
-                1 + math.cos(math.pi * t / max(1, len(batches) - 1))))
+            group["lr"] = cfg.finetune_lr * cosine(t, len(batches), cfg.lr_final)
         mine = [b for b in batch if b % dist.world() == dist.rank()]
         tokens = {b: ids[b * BLOCK : (b + 1) * BLOCK].to(device) for b in mine}
         with torch.no_grad():

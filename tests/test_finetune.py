@@ -9,6 +9,7 @@ from gsq import adapter, finetune, pipeline, stream
 from gsq import calib as calibration
 from gsq.config import PRESETS, Config
 from gsq.eval import load_tokenizer, model_config
+from gsq.quantizer import dequant
 
 
 def test_factor_gradients_are_those_of_autograd():
@@ -21,7 +22,7 @@ def test_factor_gradients_are_those_of_autograd():
     leaves = scales.weights(0, torch.float32)
     leaves[0].backward(upstream)
     m = scales.m[0][0].clone().requires_grad_()
-    (finetune.dequant(codes, base * m) * upstream).sum().backward()
+    (dequant(codes, base * m) * upstream).sum().backward()
     torch.testing.assert_close(scales.factor_grads(0, leaves)[0], m.grad)
     assert not scales.factor_grads(0, leaves)[1].any()  # the down projection got no gradient
 
