@@ -60,5 +60,5 @@ def test_bad_calibration_inputs(tokenizer, tmp_path):
         calibration_ids(tokenizer, str(tmp_path / "short.txt"), "text", 1, 512, seed=0)
     with pytest.raises(InputError, match="calibration file not found"):
         calibration_ids(tokenizer, str(tmp_path / "missing.txt"), "text", 1, 4, seed=0)
-    with pytest.raises(InputError, match="pass a local .txt or .jsonl file"):  # the Hub is offline here
+    with pytest.raises(InputError, match="pass --dataset PATH to a local .txt or .jsonl file"):  # the Hub is offline here
         calibration_ids(tokenizer, "nonexistent-org/nonexistent-data:cfg:train", "text", 1, 4, seed=0)

@@ -60,6 +60,21 @@ def test_existing_output_is_refused(quantized):
     assert proc.returncode != 0 and "never written to" in proc.stderr
 
 
+def test_a_clone_without_local_data_offline_is_refused_in_one_line(tmp_path):
+    # The package knows no workspace: in a clone with no ../shared beside it (the bundled models copied, the
+    # Hub offline, as in the tests), the first command fails in one line that names the flag to pass.
+    clone = tmp_path / "clone"
+    (clone / "models").mkdir(parents=True)
+    os.symlink(TINY_MODEL, clone / "models" / TINY_MODEL.name)
+    assert not (tmp_path / "shared").exists()
+    proc = subprocess.run([sys.executable, "-m", "gsq.quantize", "--preset", "tiny", "--out", "out/x"], cwd=clone,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: ") and "--dataset PATH" in proc.stderr
+    assert not (clone / "out").exists()
+
+
 def test_dense_model_is_refused(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
