@@ -1,4 +1,4 @@
-"""Bad input and faults (the README's table, one test per row): one clear error line before any work,
+"""Bad input and faults (tests/README.md's table, one test per row): one clear error line before any work,
 nothing lost, nothing half-written that looks complete, resumable to the identical bytes."""
 
 import json
