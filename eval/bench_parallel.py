@@ -103,8 +103,8 @@ def gpu(args) -> dict:
     import torch
 
     from gsq.config import Config
-    from gsq.gptq import grid_levels
-    from gsq.quantizer import ExpertCodes, optimizer, step
+    from gsq.gptq import Grid
+    from gsq.quantizer import ExpertLogits, optimizer, step
 
     cfg = Config()
     device, dtype, E = args.device, torch.bfloat16, args.experts
@@ -119,7 +119,7 @@ def gpu(args) -> dict:
                     for shape in ((I, H), (I, H), (H, I)))
     codes = [torch.randint(-2, 2, w.shape, device=device, generator=gen, dtype=torch.int8) for w in weights]
     scales = [torch.full((E, w.shape[1], w.shape[2] // 128), 0.01, device=device) for w in weights]
-    module = ExpertCodes(codes, scales, grid_levels(2).to(device), cfg.init_sigma, cfg.init_alpha, list(range(E)))
+    module = ExpertLogits(codes, scales, Grid(2), cfg.init_sigma, cfg.init_alpha, [(0, 0, e) for e in range(E)])
     opt = optimizer(module, cfg)
 
     def minibatch(t):  # the tokens the router sends each of the group's experts: top-8 of 384 at random
@@ -129,11 +129,11 @@ def gpu(args) -> dict:
 
     batches = [minibatch(t) for t in range(args.steps + 2)]
     for t in range(2):  # warm-up: kernels compiled, allocator primed
-        step(module, opt, batches[t], weights, t, args.steps, cfg, list(range(E)), dtype)
+        step(module, opt, batches[t], weights, t, args.steps, cfg, dtype)
     sync()
     t0 = time.perf_counter()
     for t in range(2, args.steps + 2):
-        step(module, opt, batches[t], weights, t, args.steps + 2, cfg, list(range(E)), dtype)
+        step(module, opt, batches[t], weights, t, args.steps + 2, cfg, dtype)
     sync()
     per_step = (time.perf_counter() - t0) / args.steps
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * cfg.num_samples / cfg.batch_size))

@@ -13,8 +13,14 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gsq.errors import InputError
+
+# Module names every supported architecture shares (transformers' MoE interface, above)
+GLOBALS = ("model.embed_tokens", "model.norm", "lm_head")  # what runs outside the decoder layers
+EXPERTS = "mlp.experts."  # a layer's routed experts: fused `gate_up_proj` and `down_proj`
+EXPERT_PARAMS = (EXPERTS + "gate_up_proj", EXPERTS + "down_proj")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,20 @@ class Arch:
             if m:
                 return [f"{self.layers_prefix}.{layer}.{vllm.format(e=m.group(1))}"]
         return []
+
+    def expert_row_modules(self) -> tuple:
+        """Module-side prefixes (relative to the layer) of the tensors with one row per routed expert: the
+        router's, the fused experts', the `expert_rows`."""
+        return (self.module_name(self.router) + ".", EXPERTS, *(self.module_name(t) for t in self.expert_rows))
+
+    def stored_expert_prefix(self, layer: int) -> str | None:
+        """On-disk prefix of layer `layer`'s per-expert tensors (`...experts.`, then the expert's number), or
+        None where the experts are stored fused (gpt-oss)."""
+        return f"{self.layers_prefix}.{layer}.{self.expert_names[0].split('{e}')[0]}" if self.expert_names else None
+
+    def stored_expert_rows(self, layer: int) -> tuple:
+        """On-disk prefixes of layer `layer`'s other tensors with one row per routed expert (the router's)."""
+        return tuple(f"{self.layers_prefix}.{layer}.{t}" for t in (self.router + ".", *self.expert_rows))
 
     def module_name(self, disk: str) -> str:
         """A layer tensor's module-side name (relative to the layer) from its on-disk one."""
@@ -99,6 +119,27 @@ def text_config(config):
     return config.text_config if arch_of(config).text_config else config
 
 
+def swiglu_mid(x, gate, up):
+    """The SwiGLU experts' intermediate silu(x gate^T) * (x up^T), batched over a leading expert dim or not."""
+    t = lambda w: w.transpose(-1, -2)
+    return F.silu(x @ t(gate)) * (x @ t(up))
+
+
+def swiglu(x, gate, up, down):
+    """SwiGLU experts: x `[T, H]`, gate/up `[I, H]`, down `[H, I]` -> `[T, H]`; or batched, with a leading
+    expert dimension on all four."""
+    return swiglu_mid(x, gate, up) @ down.transpose(-1, -2)
+
+
+def embed(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.model.embed_tokens(ids)
+
+
+def logits(model, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the last layer's states: lm_head(final norm(h))."""
+    return model.lm_head(model.model.norm(h))
+
+
 def router(layer):
     """The MoE block's router module (gpt-oss calls it `router`), else None for a dense layer."""
     if not hasattr(layer.mlp, "experts"):
@@ -131,8 +172,7 @@ def expert_output(layer, e: int, x: torch.Tensor) -> torch.Tensor:
     if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: `[E, H, 2I]` weights, biases, its own gate function
         mid = experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
         return mid @ experts.down_proj[e] + experts.down_proj_bias[e]
-    gate, up, down = expert_weights(layer, e)
-    return (layer.mlp.experts.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
+    return swiglu(x, *expert_weights(layer, e))
 
 
 def set_expert_weights(layer, e: int, gate, up, down):
@@ -144,6 +184,12 @@ def set_expert_weights(layer, e: int, gate, up, down):
 
 def num_experts(layer) -> int:
     return layer.mlp.experts.gate_up_proj.shape[0]
+
+
+def expert_shape(layer) -> tuple:
+    """(experts, intermediate size, hidden size) of a MoE layer's routed experts."""
+    E, inter2, hidden = layer.mlp.experts.gate_up_proj.shape
+    return E, inter2 // 2, hidden
 
 
 def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_routed: int) -> dict:
@@ -162,8 +208,7 @@ def layer_state_from_checkpoint(arch: Arch, layer_idx: int, tensors: dict, num_r
             gate_up[e, :inter].copy_(tensors.pop(g))
             gate_up[e, inter:].copy_(tensors.pop(u))
             down[e].copy_(tensors.pop(d))
-        state["mlp.experts.gate_up_proj"] = gate_up
-        state["mlp.experts.down_proj"] = down
+        state[EXPERT_PARAMS[0]], state[EXPERT_PARAMS[1]] = gate_up, down
     for module, parts in arch.concat:
         if prefix + parts[0] in tensors:
             state[module] = torch.cat([tensors.pop(prefix + p) for p in parts])
@@ -245,7 +290,11 @@ def check_quantizable(model, group_size: int):
         raise InputError(f"{model.config.model_type} cannot be quantized to 2 bits: {why}")
     if not 16 <= group_size <= 1024 or group_size & (group_size - 1):
         raise InputError(f"--group-size must be a power of two in [16, 1024], got {group_size}")
-    _, inter2, hidden = moe[0].mlp.experts.gate_up_proj.shape
-    for name, dim in (("hidden_size", hidden), ("moe_intermediate_size", inter2 // 2)):
+    act = getattr(model.config, "hidden_act", "silu")
+    if act != "silu":  # the experts are SwiGLU (swiglu above)
+        raise InputError(f"{model.config.model_type} experts with hidden_act '{act}' cannot be quantized: gsq models "
+                         "SiLU-gated (SwiGLU) experts")
+    _, inter, hidden = expert_shape(moe[0])
+    for name, dim in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
         if dim % group_size:
             raise InputError(f"{name} {dim} is not divisible by --group-size {group_size}")

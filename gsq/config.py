@@ -65,7 +65,7 @@ class Config:
     min_tokens: int = _f(16, "experts with fewer routed tokens keep their init (MSE-RTN), logged")
     experts_per_batch: int = _f(0, "experts of a rank trained together (0: as many as the memory plan fits, "
                                    "at most 16)")
-    # REAP expert pruning (python -m gsq.prune)
+    # REAP expert pruning (python -m gsq.prune only: PRUNE_FLAGS)
     keep: int = _f(0, "routed experts kept per layer")
     ratio: float = _f(0.0, "fraction of routed experts pruned per layer (instead of --keep)")
     criterion: str = _f("reap", "expert ranking: reap (router-weighted output norm), frequency, random",
@@ -91,15 +91,19 @@ class Config:
     max_shard_bytes: int = _f(5 * 2**30, "largest safetensors shard written")
     preset: str = _f("", "named settings applied before the flags: 'tiny' for the bundled model")
 
-    def to_json(self) -> str:
-        """The resolved settings saved beside a checkpoint: everything that shapes its bytes (not where
-        it was written, nor whether the run was resumed)."""
-        shaping = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+    def to_json(self, flags: tuple = ()) -> str:
+        """The resolved settings saved beside a checkpoint: those of `flags` (default: quantize's) that shape
+        its bytes (not where it was written, nor whether the run was resumed)."""
+        flags = flags or QUANTIZE_FLAGS
+        shaping = {k: v for k, v in dataclasses.asdict(self).items() if k in flags and k not in RUN_CONTROL}
         return json.dumps(shaping, indent=2) + "\n"
 
 
 RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations", "dry_run", "ranks", "gpu_memory",
                "host_memory", "json")  # none of these changes a byte of the checkpoint
+PRUNE_FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
+               "device", "resume", "overwrite", "max_shard_bytes", "preset")  # python -m gsq.prune's
+QUANTIZE_FLAGS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("keep", "ratio", "criterion"))
 
 
 PRESETS = {
@@ -111,6 +115,20 @@ PRESETS = {
     "tiny": dict(num_samples=256, seqlen=256, batch_size=16, epochs=10.0, min_steps=200, lr_logits=1e-3,
                  lr_scales=1e-4, eval_windows=32, eval_seqlen=256, finetune_scales=50),
 }
+
+
+SEED_STRIDES = (1_000_003, 100_003, 4, 1_000_003)  # run -> layer -> expert -> projection -> step
+
+
+def derive_seed(run: int, *path: int) -> int:
+    """The seed of (layer, expert, projection, step) of the run seeded `run` (--seed), to as many levels as
+    `path` gives: every random draw of a run takes its seed here (the minibatch order and prune's random
+    ranking per layer, the fine-tune's order as layer -1, the logit init per projection, the Gumbel noise
+    per step), so each is fixed by where it is, whatever ran before it or on which rank."""
+    seed = run
+    for stride, x in zip(SEED_STRIDES, path):
+        seed = seed * stride + x
+    return seed
 
 
 def _parse(kind, text):

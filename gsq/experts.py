@@ -19,14 +19,14 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from gsq import adapter, dist, gptq
 from gsq.acts import BLOCK
 from gsq.export import unpacked
 from gsq.kernels.pack import pack
-from gsq.quantizer import ExpertCodes, dequant, optimizer, output_errors, step
+from gsq.config import derive_seed
+from gsq.quantizer import ExpertLogits, dequant, optimizer, output_errors, step
 
 MEASURE = 64  # windows whose tokens measure each expert's error
 
@@ -116,7 +116,7 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
         for e, (x, g, _) in routed(layer, calib, batch, owner).items():
             x = x.float()
             gate, up, _ = fp[e]
-            mid = F.silu(x @ gate.T) * (x @ up.T)
+            mid = adapter.swiglu_mid(x, gate, up)
             if cfg.token_weights == "router":  # sum of g^2 x x^T: the error as the layer output weighs it
                 x, mid = x * g[:, None], mid * g[:, None]
             H[e] = [H[e][0] + x.T @ x, H[e][1] + mid.T @ mid, H[e][2] + x.shape[0]]
@@ -125,34 +125,30 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
 
 def init_expert(weights, H, cfg):
     """(RTN codes+scales, init codes+scales) for gate, up, down of one expert with Hessians H."""
-    rtn, init = [], []
+    rtn, init, grid = [], [], gptq.Grid(cfg.bits)
     scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
     for W, h in zip(weights, (H[0], H[0], H[1])):
-        s = gptq.mse_scales(W, cfg.bits, cfg.group_size, **scale_args)
-        rtn.append((gptq.rtn(W, s, cfg.bits), s))
+        s = gptq.mse_scales(W, grid, cfg.group_size, **scale_args)
+        rtn.append((gptq.rtn(W, s, grid), s))
         if H[2] < cfg.min_tokens or not uses_gptq(cfg):
             init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
         else:
-            init.append(gptq.gptq(W, h, cfg.bits, cfg.group_size, cfg.gptq_damp, cfg.gptq_block, **scale_args))
+            init.append(gptq.gptq(W, h, grid, cfg.group_size, cfg.gptq_damp, cfg.gptq_block, **scale_args))
     return rtn, init
 
 
-def refine(layer, calib, original, owner: dict, fp: dict, init: dict, seeds: list, batches: list, cfg, dtype,
+def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, batches: list, cfg, dtype,
            bar) -> tuple:
-    """GSQ on the experts of `owner` (all of them trained) over `batches`: {expert: hard codes+scales} for
-    this rank's, and the loss trajectory. With `original` (the original model's states), each token's target
-    is the expert's output on the token's original input (`--targets original`)."""
+    """GSQ on the experts of `owner` (all of them trained) over `batches` in layer i: {expert: hard
+    codes+scales} for this rank's, and the loss trajectory. With `original` (the original model's states),
+    each token's target is the expert's output on the token's original input (`--targets original`)."""
     mine = sorted(e for e, r in owner.items() if r == dist.rank())
-    local = cfg.bits > 2
-    grid = torch.arange(-2.0, 3.0) if local else gptq.grid_levels(cfg.bits)
-    qrange = (-(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1)
     module = opt = None
     if mine:
         dev = calib.device
-        module = ExpertCodes([torch.stack([init[e][p][0] for e in mine]).to(dev) for p in range(3)],
-                             [torch.stack([init[e][p][1] for e in mine]).to(dev) for p in range(3)],
-                             grid.to(dev), cfg.init_sigma, cfg.init_alpha, [seeds[e] for e in mine],
-                             local=local, qrange=qrange)
+        module = ExpertLogits([torch.stack([init[e][p][0] for e in mine]).to(dev) for p in range(3)],
+                              [torch.stack([init[e][p][1] for e in mine]).to(dev) for p in range(3)],
+                              gptq.Grid(cfg.bits), cfg.init_sigma, cfg.init_alpha, [(cfg.seed, i, e) for e in mine])
         weights = tuple(torch.stack([fp[e][p] for e in mine]).to(dtype) for p in range(3))
         opt = optimizer(module, cfg)
     trajectory = []
@@ -162,7 +158,7 @@ def refine(layer, calib, original, owner: dict, fp: dict, init: dict, seeds: lis
             xs = [tokens[e][0] for e in mine]
             gs = [tokens[e][1] for e in mine] if cfg.token_weights == "router" else None
             xt = [tokens[e][2] for e in mine] if original is not None else None
-            losses = step(module, opt, xs, weights, t, len(batches), cfg, [seeds[e] for e in mine], dtype, gs, xt)
+            losses = step(module, opt, xs, weights, t, len(batches), cfg, dtype, gs, xt)
             if t % max(1, len(batches) // 10) == 0 or t == len(batches) - 1:
                 trajectory.append((t, losses.nanmean().item()))
         bar.update()
@@ -202,8 +198,7 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=
     trained = {e for e in range(E) if count[e] >= cfg.min_tokens and cfg.method == "gsq"}
     n_blocks, per_batch = -(-calib.n // BLOCK), max(1, cfg.batch_size // BLOCK)
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * calib.n / cfg.batch_size)) if trained else 0
-    batches = minibatches(n_blocks, min(per_batch, n_blocks), steps, cfg.seed * 1_000_003 + i)
-    seeds = [(cfg.seed * 1_000_003 + i) * 100_003 + e for e in range(E)]
+    batches = minibatches(n_blocks, min(per_batch, n_blocks), steps, derive_seed(cfg.seed, i))
     n_groups = max(-(-len(m) // experts_per_batch) for m in owners)
     final, errs, trajectory = {}, {}, []
     bar = tqdm(total=n_groups * steps, desc=f"layer {i} GSQ steps", leave=False, disable=not dist.is_writer())
@@ -214,8 +209,8 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=
         H = hessians(layer, calib, owner, fp, cfg) if uses_gptq(cfg) else {e: (None, None, 0) for e in fp}
         results = {e: init_expert(fp[e], H[e], cfg) for e in fp}  # (rtn, init)
         del H
-        learned, traj = refine(layer, calib, original, {e: r for e, r in owner.items() if e in trained}, fp,
-                               {e: q[1] for e, q in results.items()}, seeds, batches if trained & set(owner) else [],
+        learned, traj = refine(layer, i, calib, original, {e: r for e, r in owner.items() if e in trained}, fp,
+                               {e: q[1] for e, q in results.items()}, batches if trained & set(owner) else [],
                                cfg, dtype, bar)
         trajectory += traj
         results = {e: [*q, learned.get(e, q[1])] for e, q in results.items()}
@@ -241,3 +236,18 @@ def set_quantized(layer, final: list, dtype):
     dequantize them (in `dtype`)."""
     for e, projs in enumerate(final):
         adapter.set_expert_weights(layer, e, *(dequant(*unpacked(q)).to(dtype) for q in projs))
+
+
+def summary(s: dict) -> str:
+    """One line on a finished layer, from its statistics (`quantize`'s, with the pipeline's time and memory)."""
+    line = f"layer {s['layer']}: {s['seconds']:.1f}s, RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB)"
+    if not s.get("moe"):
+        return line + " (dense: kept as is)"
+    c = sorted(s["tokens_per_expert"])
+    line += (f", tokens/expert min {c[0]} median {c[len(c) // 2]} max {c[-1]}; "
+             f"rel. output error RTN {s['err_rtn']:.4f} -> {s['init']} {s['err_init']:.4f}")
+    if s["method"] == "gsq":
+        line += f" -> GSQ {s['err_gsq']:.4f} ({s['steps']} steps)"
+    if s["rtn_init_experts"]:
+        line += f"; experts with < min-tokens kept at MSE-RTN: {s['rtn_init_experts']}"
+    return line

@@ -121,6 +121,23 @@ def quantization_config(container: int, group_size: int, quantized: set, copied:
     return {**qc.model_dump(exclude_none=False), "version": compressed_tensors.__version__}
 
 
+def rest_keys(ckpt, arch, n_layers: int) -> list:
+    """Tensors outside decoder layers 0..n-1 (embeddings, norm, lm_head, MTP layers, vision tower)."""
+    inside = {k for i in range(n_layers) for k in ckpt.layer_keys(arch, i)}
+    return sorted(k for k in ckpt.keys() if k not in inside)
+
+
+def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: int) -> dict:
+    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 at `container`
+    bits, and every module copied quantized from the source (FP8 attention, an MTP layer's experts) as stored."""
+    modules = {k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")}
+    quantized = {m for m in modules if arch.expert_layer(m) is not None and arch.expert_layer(m) < n_layers}
+    copied = {k[: -len(".weight")]: scheme for k, (_, scheme, _) in ckpt.compressed.items()}
+    copied = {m: scheme for m, scheme in copied.items() if m not in quantized}
+    vllm = {name for m in quantized for name in arch.vllm_names(m)}  # what vLLM's MoE layer looks up, too
+    return quantization_config(container, group_size, quantized | vllm, copied, modules)
+
+
 def finish(src: Path, root: Path, out: Path, config: dict, records: dict):
     """Index, `config` as config.json, tokenizer and friends, `records` (file name -> text); then the
     atomic rename of `root` to `out`."""

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from gsq import adapter, dist, export, partial, stream
 from gsq.acts import BLOCK
+from gsq.config import derive_seed
 from gsq.experts import minibatches, packed
 from gsq.kernels.pack import unpack
 from gsq.quantizer import cosine, dequant
@@ -86,8 +87,7 @@ def call(model, layer, x, weights=None):
     kwargs = dict(attention_mask=None, **adapter.positions(model, x))
     if weights is None:
         return layer(x, **kwargs)
-    names = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-    return torch.func.functional_call(layer, dict(zip(names, weights)), (x,), kwargs)
+    return torch.func.functional_call(layer, dict(zip(adapter.EXPERT_PARAMS, weights)), (x,), kwargs)
 
 
 def kl_top(model, h_q, h_fp) -> tuple:
@@ -97,9 +97,9 @@ def kl_top(model, h_q, h_fp) -> tuple:
     grad, total = torch.empty_like(flat_q), 0.0
     for r in range(0, flat_q.shape[0], CHUNK):
         with torch.no_grad():
-            logp = F.log_softmax(model.lm_head(model.model.norm(flat_fp[r : r + CHUNK])).float(), -1)
+            logp = F.log_softmax(adapter.logits(model, flat_fp[r : r + CHUNK]).float(), -1)
         q = flat_q[r : r + CHUNK].detach().requires_grad_()
-        logq = F.log_softmax(model.lm_head(model.model.norm(q)).float(), -1)
+        logq = F.log_softmax(adapter.logits(model, q).float(), -1)
         kl = (logp.exp() * (logp - logq)).sum()
         kl.backward()
         grad[r : r + CHUNK] = q.grad
@@ -113,7 +113,7 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     factors = [m for i in sorted(scales.m) for m in scales.m[i]]
     opt = torch.optim.Adam(factors, lr=cfg.finetune_lr)
     n_blocks, per_batch = -(-ids.shape[0] // BLOCK), max(1, cfg.batch_size // BLOCK)
-    batches = minibatches(n_blocks, min(per_batch, n_blocks), cfg.finetune_scales, cfg.seed * 1_000_003 - 1)
+    batches = minibatches(n_blocks, min(per_batch, n_blocks), cfg.finetune_scales, derive_seed(cfg.seed, -1))
     history = []
     bar = tqdm(batches, desc="scale fine-tune", disable=not dist.is_writer())
     for t, batch in enumerate(bar):
@@ -122,7 +122,7 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
         mine = [b for b in batch if b % dist.world() == dist.rank()]
         tokens = {b: ids[b * BLOCK : (b + 1) * BLOCK].to(device) for b in mine}
         with torch.no_grad():
-            q = {b: model.model.embed_tokens(x).to(compute) for b, x in tokens.items()}
+            q = {b: adapter.embed(model, x).to(compute) for b, x in tokens.items()}
         fp = dict(q)
         inputs = []
         for i in range(n_layers):  # forward

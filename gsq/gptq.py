@@ -1,21 +1,47 @@
 """Initial codes and scales for GSQ: MSE scale search (signed), round-to-nearest, and GPTQ.
 
-Grid of `bits` bits: integer levels qmin..qmax (2 bits: -2, -1, 0, 1); weight = s * q with one
+Grid of `bits` bits (`Grid`): integer levels qmin..qmax (2 bits: -2, -1, 0, 1); weight = s * q with one
 signed scale s per group of `group` consecutive input channels of a row. A negative s flips which
 side of zero gets the extra level; the search tries both signs per group.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
-def grid_levels(bits: int) -> torch.Tensor:
-    return torch.arange(-(1 << (bits - 1)), 1 << (bits - 1), dtype=torch.float32)
+@dataclass(frozen=True)
+class Grid:
+    """The grid of `--bits` as data: integer levels qmin..qmax. GSQ learns one logit per level at 2 bits, and
+    one per local shift -2..+2 of the init code at 3 and 4 bits (`local`: 99.99999% of weights move by at
+    most 2, the paper's observation), clamped to the levels."""
+
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def local(self) -> bool:
+        return self.bits > 2
+
+    def levels(self) -> torch.Tensor:
+        return torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+
+    def choices(self) -> torch.Tensor:
+        """What GSQ's logits choose between: the levels, or the local shifts of the init code."""
+        return torch.arange(-2.0, 3.0) if self.local else self.levels()
 
 
-def mse_scales(W: torch.Tensor, bits: int, group: int, steps=100, smallest=0.2, norm=2.4) -> torch.Tensor:
+def mse_scales(W: torch.Tensor, grid: Grid, group: int, steps=100, smallest=0.2, norm=2.4) -> torch.Tensor:
     """Per-group signed scales `[R, C / group]` minimising sum |w - s * round(w / s)|^norm over
     `steps` shrink factors from 1 down to `smallest` of the range-fitting scale, for both signs."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    qmin, qmax = grid.qmin, grid.qmax
     Wg = W.float().unflatten(-1, (-1, group))  # [R, ng, G]
     best_err = torch.full(Wg.shape[:-1], float("inf"), device=W.device)
     best = torch.ones(Wg.shape[:-1], device=W.device)
@@ -36,14 +62,13 @@ def mse_scales(W: torch.Tensor, bits: int, group: int, steps=100, smallest=0.2, 
     return best
 
 
-def rtn(W: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+def rtn(W: torch.Tensor, scales: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Round-to-nearest int8 codes of W on the grid with the given group scales."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     s = scales.repeat_interleave(W.shape[-1] // scales.shape[-1], dim=-1)
-    return torch.clamp(torch.round(W.float() / s), qmin, qmax).to(torch.int8)
+    return torch.clamp(torch.round(W.float() / s), grid.qmin, grid.qmax).to(torch.int8)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp=0.1, block=128, **scale_args):
+def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, damp=0.1, block=128, **scale_args):
     """GPTQ (Frantar et al., 2023) on the signed group grid: codes int8 `[R, C]`, scales `[R, C / group]`.
 
     H = X^T X of the layer's inputs. Columns are quantized in order; each one's rounding error is
@@ -52,7 +77,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp=0.1, bloc
     """
     if block % group:
         raise ValueError(f"GPTQ block {block} must be a multiple of the group size {group}")
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    qmin, qmax = grid.qmin, grid.qmax
     W = W.float().clone()
     H = H.float().clone()
     R, C = W.shape
@@ -70,7 +95,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp=0.1, bloc
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
-                scales[:, col // group] = mse_scales(W1[:, i:i + group], bits, group, **scale_args)[:, 0]
+                scales[:, col // group] = mse_scales(W1[:, i:i + group], grid, group, **scale_args)[:, 0]
             s = scales[:, col // group]
             q = torch.clamp(torch.round(W1[:, i] / s), qmin, qmax)
             codes[:, col] = q.to(torch.int8)

@@ -32,9 +32,9 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def identity(cfg, src: Path, ranks: int, device: str) -> dict:
-    """What a resume point is bound to (see the module docstring)."""
-    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in IGNORED}
+def identity(cfg, src: Path, ranks: int, device: str, flags: tuple = ()) -> dict:
+    """What a resume point is bound to (see the module docstring); `flags`: the tool's (default: quantize's)."""
+    settings = {k: v for k, v in json.loads(cfg.to_json(flags)).items() if k not in IGNORED}
     return {"settings": settings, "source": fingerprint(src), "gsq": __version__, "ranks": ranks, "device": device}
 
 

@@ -109,9 +109,9 @@ def dimensions(tcfg, model) -> dict:
     """The model's figures that the plan needs, from its skeleton (meta device, no weights)."""
     layers = list(model.model.layers)
     moe = [layer for layer in layers if adapter.is_moe(layer)]
-    E, I2, H = moe[0].mlp.experts.gate_up_proj.shape
+    E, inter, H = adapter.expert_shape(moe[0])
     return dict(model_type=tcfg.model_type, layers=len(layers), moe_layers=len(moe), experts=E,
-                top_k=tcfg.num_experts_per_tok, hidden=H, inter=I2 // 2, vocab=tcfg.vocab_size,
+                top_k=tcfg.num_experts_per_tok, hidden=H, inter=inter, vocab=tcfg.vocab_size,
                 layer_params=max(sum(t.numel() for t in layer.state_dict().values()) for layer in layers),
                 params=sum(t.numel() for t in model.state_dict().values()),
                 global_params=sum(t.numel() for n, t in model.state_dict().items() if ".layers." not in n))

@@ -26,21 +26,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, calib, export, partial, stream
-from gsq.config import Config, build_parser, from_args
+from gsq import acts, adapter, calib, export, partial, stream, walk
+from gsq.config import PRUNE_FLAGS, Config, build_parser, derive_seed, from_args
 from gsq.errors import InputError, run_cli
-from gsq.eval import check_model_dir, load_tokenizer, model_config, pick_device
-from gsq.pipeline import dtypes, map_large_host_buffers, release_host_memory
+from gsq.eval import load_tokenizer, pick_device
+
 
 def blocks(model, store: acts.Activations, compute):
     """The windows' states block by block on the device, in the compute dtype, with their positions."""
     for b in store.blocks:
         h = store.get(b, compute)
         yield b, h, adapter.positions(model, h)
-
-
-FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
-         "device", "resume", "overwrite", "max_shard_bytes", "preset")
 
 
 @torch.no_grad()
@@ -108,7 +104,7 @@ def separated(reap: torch.Tensor, kept: list, groups: int) -> bool:
 def sliced_module_state(arch, layer, kept: list) -> dict:
     """The layer's state dict with the router's and the routed experts' tensors cut to the kept experts."""
     E = adapter.num_experts(layer)
-    per_expert = (arch.module_name(arch.router) + ".", "mlp.experts.", *(arch.module_name(t) for t in arch.expert_rows))
+    per_expert = arch.expert_row_modules()
     state = {}
     for name, t in layer.state_dict().items():
         cut = name.startswith(per_expert) and t.dim() > 0 and t.shape[0] == E
@@ -123,9 +119,7 @@ def layer_tensors(ckpt, arch, i: int, kept: list | None, E: int) -> dict:
     tensors = ckpt.raw(sorted(k for k in ckpt.files if k.startswith(prefix)))
     if kept is None:
         return tensors
-    # per-expert tensors "model.layers.i.mlp.experts.E.*" (none where the experts are stored fused: gpt-oss)
-    experts = prefix + arch.expert_names[0].split("{e}")[0] if arch.expert_names else None
-    rows = (prefix + arch.router + ".", *(prefix + t for t in arch.expert_rows))  # one row per expert
+    experts, rows = arch.stored_expert_prefix(i), arch.stored_expert_rows(i)
     new_index = {e: n for n, e in enumerate(kept)}
     out = {}
     for name, t in tensors.items():
@@ -146,14 +140,11 @@ def layer_index(arch, name: str):
 
 
 def run(cfg: Config) -> dict:
+    """Prune `cfg.model`'s routed experts into `cfg.out`, layer by layer; returns the record (also written as
+    OUT/gsq_prune.json). The model, the data and the output directory are checked before any work."""
     t0 = time.time()
-    device = torch.device(pick_device(cfg.device))
-    src = check_model_dir(cfg.model)
-    config = model_config(src)
-    arch = adapter.arch_of(config)
-    tcfg = adapter.text_config(config)
-    adapter.check_context(tcfg, seqlen=cfg.seqlen)
-    model = stream.skeleton(tcfg)
+    source = walk.Source(cfg.model, torch.device(pick_device(cfg.device)), seqlen=cfg.seqlen)
+    model, arch, tcfg, device, compute = source.model, source.arch, source.text, source.device, source.compute
     moe = [j for j, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
     if not moe:
         raise InputError(f"{tcfg.model_type} model has no MoE layers with routed experts: nothing to prune")
@@ -163,77 +154,69 @@ def run(cfg: Config) -> dict:
     pruned_cfg = copy.deepcopy(tcfg)
     setattr(pruned_cfg, arch.n_experts_key, keep)
     pruned = stream.skeleton(pruned_cfg)  # the layers as they will be, for passing activations on
-    ckpt = stream.Checkpoint(src)
-    stream.check_shapes(ckpt, model, arch)
-    this_run = partial.identity(cfg, src, 1, device.type)  # what a resume point is bound to
-    point = partial.check(cfg, src, this_run)  # the resume point of this same run, or None
+    source.open()
+    this_run = partial.identity(cfg, source.path, 1, device.type, PRUNE_FLAGS)  # what a resume point is bound to
+    point = partial.check(cfg, source.path, this_run)  # the resume point of this same run, or None
+    ids = note = None
     if point is None:  # the calibration data, read and checked before anything is written
-        ids, note = calib.calibration_ids(load_tokenizer(src), cfg.dataset, cfg.text_field, cfg.num_samples,
+        ids, note = calib.calibration_ids(load_tokenizer(source.path), cfg.dataset, cfg.text_field, cfg.num_samples,
                                           cfg.seqlen, cfg.seed)
-    root = partial.claim(cfg, src, this_run)  # held by this run from here on
-    work = root / partial.WORK
-    dtype, compute = dtypes(tcfg, device)
-    stream.load_globals(ckpt, model, arch, device, compute)
+    partial_dir = partial.claim(cfg, source.path, this_run)  # held by this run from here on
+    work = partial_dir / partial.WORK
+    source.load_globals()
     # the calibration windows' states between layers: on the GPU, or in host memory
-    hidden = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, tcfg.hidden_size), "device", device, dtype, work)
-    n_layers = len(model.model.layers)
+    hidden = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, tcfg.hidden_size), "device", device,
+                              source.dtype, work)
+    start = walk.begin(source, work, [(hidden, ids)], point)
     if point is None:
-        start = 0
         record = {"criterion": cfg.criterion, "experts": E, "keep": keep, "calibration": note, "layers": []}
-        hidden.begin(-1)
-        with torch.no_grad():
-            for b in hidden.blocks:
-                hidden.put(b, model.model.embed_tokens(ids[hidden.windows(b)].to(device)))
-        acts.commit(work, 0, [hidden])
-        partial.save_state(root, 0, record, this_run)
+        partial.save_state(partial_dir, 0, record, this_run)
         print(f"calibration: {note}; keeping {keep} of {E} routed experts per layer by {cfg.criterion}")
     else:
-        start, record = point["next_layer"], point["record"]
-        acts.drop_old(work, start, unfinished=True)  # what an interrupted layer had begun to write
-        hidden.load(start)
-        print(f"resuming {root} at layer {start} of {n_layers}")
-    for i in tqdm(range(start, n_layers), desc="layers", initial=start, total=n_layers):
-        layer = stream.load_layer(ckpt, model, arch, i, device, compute)
-        hidden.begin(i)
-        kept = None
-        if adapter.is_moe(layer):
-            reap, count = saliency(model, layer, hidden, compute)
-            scores = {"reap": reap, "frequency": count.double(),
-                      "random": torch.rand(E, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))}
-            kept = select(scores[cfg.criterion], keep, groups)
-            stats = {"layer": i, "kept": kept, "saliency": reap.tolist(), "tokens": count.tolist(),
-                     "reap_separated": separated(reap, kept, groups)}
-            record["layers"].append(stats)
-            pruned_away = sum(reap[e].item() for e in range(E) if e not in kept) / reap.sum().item()
-            tqdm.write(f"layer {i}: kept {kept}; pruned experts hold {100 * pruned_away:.1f}% of the saliency; "
-                       f"min kept > max pruned saliency: {stats['reap_separated']}")
-            state = sliced_module_state(arch, layer, kept)
-            stream.unload_layer(model, i)
-            layer = stream.materialize(pruned.model.layers[i], state, device, compute)
-        with torch.no_grad():  # the pruned layer passes the windows on
-            for b, h, positions in blocks(model, hidden, compute):
-                hidden.put(b, layer(h, attention_mask=None, **positions))
-        export.write_unit(root, f"layer{i:05d}", layer_tensors(ckpt, arch, i, kept, E), cfg.max_shard_bytes)
-        layer.to("meta")
-        release_host_memory()
+        record = point["record"]
+        print(f"resuming {partial_dir} at layer {start} of {source.n_layers}")
+    for i in tqdm(range(start, source.n_layers), desc="layers", initial=start, total=source.n_layers):
+        with source.layer(i) as layer:
+            hidden.begin(i)
+            kept = None
+            if adapter.is_moe(layer):
+                reap, count = saliency(model, layer, hidden, compute)
+                scores = {"reap": reap, "frequency": count.double(),
+                          "random": torch.rand(E, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, i)))}
+                kept = select(scores[cfg.criterion], keep, groups)
+                stats = {"layer": i, "kept": kept, "saliency": reap.tolist(), "tokens": count.tolist(),
+                         "reap_separated": separated(reap, kept, groups)}
+                record["layers"].append(stats)
+                pruned_away = sum(reap[e].item() for e in range(E) if e not in kept) / reap.sum().item()
+                tqdm.write(f"layer {i}: kept {kept}; pruned experts hold {100 * pruned_away:.1f}% of the saliency; "
+                           f"min kept > max pruned saliency: {stats['reap_separated']}")
+                state = sliced_module_state(arch, layer, kept)
+                stream.unload_layer(model, i)  # the original layer's weights go before the pruned layer's come
+                layer = stream.materialize(pruned.model.layers[i], state, device, compute)
+            with torch.no_grad():  # the pruned layer passes the windows on
+                for b, h, positions in blocks(model, hidden, compute):
+                    hidden.put(b, layer(h, attention_mask=None, **positions))
+            export.write_unit(partial_dir, export.unit_name(i), layer_tensors(source.ckpt, arch, i, kept, E),
+                              cfg.max_shard_bytes)
+            layer.to("meta")
         acts.commit(work, i + 1, [hidden])
-        partial.save_state(root, i + 1, record, this_run)
+        partial.save_state(partial_dir, i + 1, record, this_run)
 
-    out_config = json.loads((src / "config.json").read_text())
+    out_config = json.loads((source.path / "config.json").read_text())
     target = out_config["text_config"] if arch.text_config else out_config
     # the field and its alias in transformers' attribute_map (Qwen3-MoE's num_experts is num_local_experts
     # now): both written, so old and new readers (transformers, vLLM) agree
     for key in {arch.n_experts_key, type(tcfg).attribute_map.get(arch.n_experts_key, arch.n_experts_key)}:
         target[key] = keep
-    extra = sorted({layer_index(arch, k) for k in ckpt.files} - {None} - set(range(n_layers)))
+    extra = sorted({layer_index(arch, k) for k in source.ckpt.files} - {None} - set(range(source.n_layers)))
     if extra:  # DeepSeek's multi-token-prediction layers: their experts cannot be scored here
         print(f"dropping the multi-token-prediction layer(s) {extra}: their experts cannot be scored")
         target["num_nextn_predict_layers"] = 0
-    rest = sorted(k for k in ckpt.files if layer_index(arch, k) is None)
-    export.write_unit(root, "rest", ckpt.raw(rest), cfg.max_shard_bytes)
-    partial.finish_work(root)
-    record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json()))
-    export.finish(src, root, Path(cfg.out), out_config,
+    rest = sorted(k for k in source.ckpt.files if layer_index(arch, k) is None)
+    export.write_unit(partial_dir, "rest", source.ckpt.raw(rest), cfg.max_shard_bytes)
+    partial.finish_work(partial_dir)
+    record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json(PRUNE_FLAGS)))
+    export.finish(source.path, partial_dir, Path(cfg.out), out_config,
                   {"gsq_prune.json": json.dumps(record, indent=2) + "\n"})
     partial.release(Path(cfg.out))
     print(f"wrote {cfg.out}: {keep} of {E} routed experts per layer, in {record['seconds']:.0f}s")
@@ -241,12 +224,13 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    args = build_parser("python -m gsq.prune", "REAP expert pruning of a Mixture-of-Experts model", FLAGS).parse_args(argv)
+    args = build_parser("python -m gsq.prune", "REAP expert pruning of a Mixture-of-Experts model",
+                        PRUNE_FLAGS).parse_args(argv)
     try:
         cfg = from_args(args)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    map_large_host_buffers()
+    walk.map_large_host_buffers()
     run(cfg)
 
 

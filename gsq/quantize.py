@@ -5,13 +5,15 @@ config.json alone) and writes nothing.
 """
 
 from gsq import plan
-from gsq.config import build_parser, from_args
+from gsq.config import QUANTIZE_FLAGS, build_parser, from_args
 from gsq.errors import InputError, run_cli
-from gsq.pipeline import map_large_host_buffers, run
+from gsq.pipeline import run
+from gsq.walk import map_large_host_buffers
 
 
 def main(argv=None):
-    args = build_parser("python -m gsq.quantize", "GSQ 2-bit quantization of a Mixture-of-Experts model").parse_args(argv)
+    args = build_parser("python -m gsq.quantize", "GSQ 2-bit quantization of a Mixture-of-Experts model",
+                        QUANTIZE_FLAGS).parse_args(argv)
     try:
         cfg = from_args(args)
     except ValueError as exc:

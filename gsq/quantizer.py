@@ -11,6 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gsq.adapter import swiglu
+from gsq.config import derive_seed
+from gsq.gptq import Grid
 from gsq.kernels.fake_quant import hard_codes, soft_weights
 
 
@@ -59,37 +62,36 @@ class Lion(torch.optim.Optimizer):
                     m[r].mul_(beta2).add_(g[r], alpha=1 - beta2)
 
 
-def swiglu(x, gate, up, down):
-    """SwiGLU experts: x `[T, H]`, gate/up `[I, H]`, down `[H, I]` -> `[T, H]`; or batched, with a leading
-    expert dimension on all four."""
-    t = lambda w: w.transpose(-1, -2)
-    return (F.silu(x @ t(gate)) * (x @ t(up))) @ t(down)
+class ExpertLogits(torch.nn.Module):
+    """The learnable tensors of E experts: per projection, logits `[E, out, in, L]` over the grid's choices,
+    and the group scales."""
 
-
-class ExpertCodes(torch.nn.Module):
-    """The learnable tensors of E experts: per projection, logits `[E, out, in, L]` and scales."""
-
-    def __init__(self, codes: list, scales: list, grid: torch.Tensor, sigma: float, alpha: float, seeds: list,
-                 local: bool = False, qrange=(-2, 1), logits_dtype=torch.float32):
-        """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `seeds`: one
-        per expert (its init noise). With `local` (3, 4 bits) the grid holds shifts of the init code
-        (local shifts) within `qrange`."""
+    def __init__(self, codes: list, scales: list, grid: Grid, sigma: float, alpha: float, experts: list,
+                 logits_dtype=torch.float32):
+        """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `experts`: each
+        expert's (run seed, layer, expert), where its noise is derived from. On a `local` grid (3, 4 bits) the
+        logits choose shifts of the init code."""
         super().__init__()
-        self.register_buffer("grid", grid)
-        self.qrange = qrange
-        self.base = [q if local else None for q in codes]
+        choices = grid.choices().to(codes[0].device)
+        self.register_buffer("grid", choices)
+        self.qrange = (grid.qmin, grid.qmax)
+        self.experts = experts
+        self.base = [q if grid.local else None for q in codes]
         self.logits = torch.nn.ParameterList()
         for p, q in enumerate(codes):
-            start = torch.zeros_like(q) if local else q
+            start = torch.zeros_like(q) if grid.local else q
             self.logits.append(torch.nn.Parameter(torch.stack([
-                init_logits(start[j], grid, sigma, alpha, torch.Generator().manual_seed(seed * 4 + p))
-                for j, seed in enumerate(seeds)]).to(logits_dtype)))
+                init_logits(start[j], choices, sigma, alpha, torch.Generator().manual_seed(derive_seed(*path, p)))
+                for j, path in enumerate(experts)]).to(logits_dtype)))
         self.scales = torch.nn.ParameterList([torch.nn.Parameter(s.float().clone()) for s in scales])
 
-    def soft(self, tau: float, kappa: float, seeds: torch.Tensor, dtype):
-        """Relaxed (gate, up, down) weights with fresh noise: seeds `[3, E]`, one row per projection."""
-        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i], self.base[i], *self.qrange, out_dtype=dtype)
-                for i, (l, s) in enumerate(zip(self.logits, self.scales))]
+    def soft(self, tau: float, kappa: float, t: int, dtype):
+        """Relaxed (gate, up, down) weights with the noise of step t (a distinct Philox stream per expert and
+        projection, its seed derived from (run, layer, expert, projection, step))."""
+        seeds = torch.tensor([[derive_seed(*path, p, t) for path in self.experts] for p in range(3)],
+                             dtype=torch.int64) % 2**62
+        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i].to(l.device), self.base[i], *self.qrange,
+                             out_dtype=dtype) for i, (l, s) in enumerate(zip(self.logits, self.scales))]
 
     @torch.no_grad()
     def hard(self, scale_dtype):
@@ -109,26 +111,24 @@ def dequant(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 ROWS = 256  # an expert's tokens in a step are padded to a multiple of this
 
 
-def optimizer(model: ExpertCodes, cfg) -> Lion:
+def optimizer(model: ExpertLogits, cfg) -> Lion:
     return Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
                  {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
                 lr=cfg.lr_logits, betas=cfg.lion_betas)
 
 
-def step(model: ExpertCodes, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, seeds: list, dtype,
+def step(model: ExpertLogits, opt: Lion, xs: list, fp: tuple, t: int, steps: int, cfg, dtype,
          gs: list | None = None, xt: list | None = None):
     """Optimizer step t of `steps` for the E experts of `model`: soft experts match the full-precision
     experts `fp` (gate, up, down stacked `[E, ...]`) on the tokens `xs[e]` `[n_e, H]` the minibatch routed
     to expert e. The loss of expert e is its relative output MSE, each token's error weighted by g^2 when
     its router weights `gs[e]` `[n_e]` are given (the layer adds g * f_e(x)); the target is the full-precision
     expert on `xt[e]` (the tokens' inputs in the original model) when given, else on `xs[e]`; experts with no
-    token do not move. `seeds[e]` fixes expert e's noise. Returns the per-expert losses (NaN where no token)."""
+    token do not move. Returns the per-expert losses (NaN where no token)."""
     tau, kappa = linear(*cfg.tau, t, steps), linear(*cfg.kappa, t, steps)
     for g, lr in zip(opt.param_groups, (cfg.lr_logits, cfg.lr_scales)):
         g["lr"] = lr * cosine(t, steps, cfg.lr_final)
-    # fresh noise every step: (seed, projection, step) -> a distinct Philox stream per expert
-    noise = torch.tensor([[(s * 4 + p) * 1_000_003 + t for s in seeds] for p in range(3)], dtype=torch.int64) % 2**62
-    soft = model.soft(tau, kappa, noise.to(fp[0].device), dtype)
+    soft = model.soft(tau, kappa, t, dtype)  # fresh noise every step
     # one expert at a time through the SwiGLU (token counts differ; memory is one expert's tokens), each
     # with its own leaf of the soft weights, then one backward through the fused fake-quant
     leaves = [[w[e].detach().requires_grad_() for w in soft] for e in range(len(xs))]

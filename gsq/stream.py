@@ -153,9 +153,9 @@ def check_shapes(ckpt: Checkpoint, model, arch):
         for k, t in layer.state_dict().items():
             want[f"{arch.layers_prefix}.{i}.{k}"] = tuple(t.shape)
         if adapter.is_moe(layer) and arch.expert_names:
-            _, inter2, hidden = layer.mlp.experts.gate_up_proj.shape
+            _, inter, hidden = adapter.expert_shape(layer)
             for e in range(adapter.num_experts(layer)):
-                for p, shape in enumerate([(inter2 // 2, hidden)] * 2 + [(hidden, inter2 // 2)]):
+                for p, shape in enumerate([(inter, hidden)] * 2 + [(hidden, inter)]):
                     want[arch.expert_key(i, e, p) + ".weight"] = shape
     names = {}  # stored name -> the name it has in the skeleton's terms
     for k in ckpt.keys():
@@ -310,13 +310,12 @@ def unload_layer(model, i: int):
 def load_globals(ckpt: Checkpoint, model, arch, device, dtype):
     """Embeddings, final norm, lm_head and rotary embedding: what runs outside the decoder layers."""
     prefix = arch.layers_prefix[: -len("model.layers")]
-    names = {"model.embed_tokens.weight": prefix + "model.embed_tokens.weight",
-             "model.norm.weight": prefix + "model.norm.weight",
-             "lm_head.weight": prefix + "lm_head.weight"}
-    if names["lm_head.weight"] not in ckpt.where:  # tied embeddings
-        names["lm_head.weight"] = names["model.embed_tokens.weight"]
+    names = {m + ".weight": prefix + m + ".weight" for m in adapter.GLOBALS}
+    embeddings, head = (m + ".weight" for m in (adapter.GLOBALS[0], adapter.GLOBALS[-1]))
+    if names[head] not in ckpt.where:  # tied embeddings
+        names[head] = names[embeddings]
     tensors = ckpt.load(set(names.values()), device)
-    for module_name in ("model.embed_tokens", "model.norm", "lm_head"):
+    for module_name in adapter.GLOBALS:
         module = model.get_submodule(module_name)
         module.to_empty(device=device)
         module.load_state_dict({"weight": tensors[names[module_name + ".weight"]]})

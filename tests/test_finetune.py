@@ -5,7 +5,7 @@ import shutil
 import torch
 
 from conftest import CALIB_DATA, TINY_MODEL
-from gsq import adapter, finetune, pipeline, stream
+from gsq import adapter, finetune, stream, walk
 from gsq import calib as calibration
 from gsq.config import PRESETS, Config
 from gsq.eval import load_tokenizer, model_config
@@ -38,7 +38,7 @@ def test_finetune_lowers_the_kl_on_its_windows(quantized, tmp_path):
     arch, tcfg = adapter.arch_of(config), adapter.text_config(config)
     model, ckpt = stream.skeleton(tcfg), stream.Checkpoint(TINY_MODEL)
     device = torch.device("cpu")
-    dtype, compute = pipeline.dtypes(tcfg, device)
+    dtype, compute = walk.dtypes(tcfg, device)
     stream.load_globals(ckpt, model, arch, device, compute)
     ids, _ = calibration.calibration_ids(load_tokenizer(TINY_MODEL), cfg.dataset, "text", 4, 64, 0)
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]

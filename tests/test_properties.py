@@ -39,8 +39,8 @@ def test_pack_round_trips_and_matches_compressed_tensors(bits, rows, cols, lead,
 def test_rtn_codes_are_in_range_and_nearest(bits, rows, groups, group, spread, seed):
     gen = torch.Generator().manual_seed(seed)
     W = spread * torch.randn(rows, groups * group, generator=gen)
-    s = gptq.mse_scales(W, bits, group, steps=8)
-    q = gptq.rtn(W, s, bits)
+    s = gptq.mse_scales(W, gptq.Grid(bits), group, steps=8)
+    q = gptq.rtn(W, s, gptq.Grid(bits))
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     assert q.dtype == torch.int8 and q.min() >= qmin and q.max() <= qmax
     full = s.repeat_interleave(group, -1)
@@ -58,10 +58,10 @@ def test_scale_search_never_loses_to_the_range_fitting_scale(bits, rows, groups,
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     Wg = W.unflatten(-1, (-1, 32))
     plain = torch.maximum(Wg.amax(-1) / qmax, Wg.amin(-1) / qmin).clamp(min=1e-8)  # absmax-style, positive
-    searched = gptq.mse_scales(W, bits, 32, steps=20, norm=2.0)
+    searched = gptq.mse_scales(W, gptq.Grid(bits), 32, steps=20, norm=2.0)
 
     def sq_err(s):
-        return ((W - s.repeat_interleave(32, -1) * gptq.rtn(W, s, bits).float()) ** 2).unflatten(-1, (-1, 32)).sum(-1)
+        return ((W - s.repeat_interleave(32, -1) * gptq.rtn(W, s, gptq.Grid(bits)).float()) ** 2).unflatten(-1, (-1, 32)).sum(-1)
 
     assert (sq_err(searched) <= sq_err(plain) * (1 + 1e-5) + 1e-12).all()
 
@@ -71,7 +71,7 @@ def test_scale_search_never_loses_to_the_range_fitting_scale(bits, rows, groups,
        seed=seeds)
 def test_soft_weights_stay_between_the_extreme_levels(out, groups, tau, kappa, seed):
     gen = torch.Generator().manual_seed(seed)
-    grid = gptq.grid_levels(2)
+    grid = gptq.Grid(2).levels()
     logits = torch.randn(1, out, groups * 16, 4, generator=gen)
     scales = torch.randn(1, out, groups, generator=gen)
     noise = torch.rand(logits.shape, generator=gen).clamp(1e-6, 1 - 1e-6)

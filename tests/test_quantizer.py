@@ -7,7 +7,8 @@ import torch
 from gsq import gptq
 from gsq.config import Config
 from gsq.kernels import fake_quant
-from gsq.quantizer import ExpertCodes, Lion, cosine, dequant, init_logits, linear, optimizer, relative_error, step, swiglu
+from gsq.adapter import swiglu
+from gsq.quantizer import ExpertLogits, Lion, cosine, dequant, init_logits, linear, optimizer, relative_error, step
 
 
 @pytest.fixture(autouse=True)
@@ -26,18 +27,18 @@ def correlated_inputs(n, dim, seed):
 def test_signed_scale_search_uses_the_negative_side():
     # Values {-1, 0, 1, 2} fit the grid {-2, -1, 0, 1} exactly with s = -1, not with any s > 0.
     W = torch.tensor([-1.0, 0.0, 1.0, 2.0] * 32)[None]
-    s = gptq.mse_scales(W, bits=2, group=128)
+    s = gptq.mse_scales(W, gptq.Grid(2), group=128)
     assert s.item() == pytest.approx(-1.0)
-    assert torch.equal(dequant(gptq.rtn(W, s, 2), s), W)
+    assert torch.equal(dequant(gptq.rtn(W, s, gptq.Grid(2)), s), W)
 
 
 def test_gptq_beats_rtn_on_the_layer_output():
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(64, 256, generator=gen) * 0.02
     X = correlated_inputs(2048, 256, seed=1)
-    s = gptq.mse_scales(W, 2, 128)
-    q_rtn = dequant(gptq.rtn(W, s, 2), s)
-    codes, scales = gptq.gptq(W, X.T @ X, 2, 128)
+    s = gptq.mse_scales(W, gptq.Grid(2), 128)
+    q_rtn = dequant(gptq.rtn(W, s, gptq.Grid(2)), s)
+    codes, scales = gptq.gptq(W, X.T @ X, gptq.Grid(2), 128)
     assert codes.min() >= -2 and codes.max() <= 1
     err = lambda Q: ((X @ (Q - W).T) ** 2).sum().item()
     assert err(dequant(codes, scales)) < 0.7 * err(q_rtn)
@@ -45,7 +46,7 @@ def test_gptq_beats_rtn_on_the_layer_output():
 
 def test_init_logits_argmax_is_the_init_code():
     codes = torch.randint(-2, 2, (8, 256), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    grid = gptq.grid_levels(2)
+    grid = gptq.Grid(2).levels()
     logits = init_logits(codes, grid, sigma=0.01, alpha=60.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(grid[logits.argmax(-1)].to(torch.int8), codes)
     assert logits.mean(-1).abs().max() < 0.05  # centred over the levels (up to the noise)
@@ -73,7 +74,7 @@ def experts_problem(E=3, H=128, inter=128, n=600, seed=0):
     for e in range(E):
         projs = []
         for W, X in zip(fp[e], (xs[e], xs[e], torch.nn.functional.silu(xs[e] @ fp[e][0].T) * (xs[e] @ fp[e][1].T))):
-            projs.append(gptq.gptq(W, X.T @ X, 2, 128))
+            projs.append(gptq.gptq(W, X.T @ X, gptq.Grid(2), 128))
         init.append(projs)
     return fp, xs, init
 
@@ -91,13 +92,13 @@ def train(fp, xs, init, experts, cfg, steps=60, skip=None):
     """GSQ on `experts` together, each seeing `minibatch` tokens; `skip[e]`: steps where e gets none."""
     codes = [torch.stack([init[e][p][0] for e in experts]) for p in range(3)]
     scales = [torch.stack([init[e][p][1] for e in experts]) for p in range(3)]
-    module = ExpertCodes(codes, scales, gptq.grid_levels(2), cfg.init_sigma, cfg.init_alpha,
-                         [100 + e for e in experts])
+    module = ExpertLogits(codes, scales, gptq.Grid(2), cfg.init_sigma, cfg.init_alpha,
+                          [(0, 0, 100 + e) for e in experts])
     weights = tuple(torch.stack([fp[e][p] for e in experts]) for p in range(3))
     opt = optimizer(module, cfg)
     for t in range(steps):
         step(module, opt, [minibatch(xs, e, t, (skip or {}).get(e, ())) for e in experts], weights, t, steps, cfg,
-             [100 + e for e in experts], torch.float32)
+             torch.float32)
     return module, module.hard(torch.float32)
 
 
@@ -146,7 +147,7 @@ def test_an_expert_without_tokens_does_not_move():
         opt.state[p]["m"] = torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
     momentum = [opt.state[p]["m"].clone() for p in [*module.logits, *module.scales]]
     weights = tuple(torch.stack([fp[e][p] for e in (0, 1)]) for p in range(3))
-    losses = step(module, opt, [minibatch(xs, 0, 5), xs[1][:0]], weights, 5, 10, CFG, [100, 101], torch.float32)
+    losses = step(module, opt, [minibatch(xs, 0, 5), xs[1][:0]], weights, 5, 10, CFG, torch.float32)
     assert losses[1].isnan() and losses[0] > 0
     after = [*module.logits, *module.scales]
     for old, new, m, p in zip(before, after, momentum, after):
@@ -174,9 +175,9 @@ def test_router_weighted_loss_counts_each_token_by_its_weight_squared():
     weights = tuple(w[None] for w in fp[0])
 
     def loss(tokens, g):
-        module = ExpertCodes([init[0][p][0][None] for p in range(3)], [init[0][p][1][None] for p in range(3)],
-                             gptq.grid_levels(2), CFG.init_sigma, CFG.init_alpha, [100])
-        return step(module, optimizer(module, CFG), [tokens], weights, 4, 10, CFG, [100], torch.float32,
+        module = ExpertLogits([init[0][p][0][None] for p in range(3)], [init[0][p][1][None] for p in range(3)],
+                              gptq.Grid(2), CFG.init_sigma, CFG.init_alpha, [(0, 0, 100)])
+        return step(module, optimizer(module, CFG), [tokens], weights, 4, 10, CFG, torch.float32,
                     None if g is None else [g])[0].item()
 
     subset = loss(x[keep], None)
