@@ -53,7 +53,8 @@ def documents(dataset: str, text_field: str, tokenizer, enough_chars: int) -> li
         rows = datasets.load_dataset(name, config, split=split or "train", streaming=True)
     except Exception as exc:
         raise InputError(f"could not load calibration dataset '{dataset}' ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}); pass --dataset PATH to a local .txt or .jsonl file") from exc
+                         f"{str(exc).splitlines()[0][:200]}); pass --dataset PATH to a local .txt or .jsonl file") \
+            from exc
     docs, chars = [], 0
     for row in rows:
         text = _render(row, text_field, tokenizer)

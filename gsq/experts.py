@@ -17,18 +17,37 @@ group of experts, never by the calibration set.
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from gsq import adapter, dist, gptq
 from gsq.acts import BLOCK
+from gsq.config import derive_seed
 from gsq.export import unpacked
 from gsq.kernels.pack import pack
-from gsq.config import derive_seed
 from gsq.quantizer import ExpertLogits, dequant, optimizer, output_errors, step
 
 MEASURE = 64  # windows whose tokens measure each expert's error
+
+
+class Tokens(NamedTuple):
+    """An expert's tokens in a step: inputs `[n, H]`, router weights g_e(x) `[n]`, the same tokens' inputs
+    in the original model `[n, H]` (--targets original) or None."""
+
+    x: torch.Tensor
+    g: torch.Tensor
+    x_original: torch.Tensor | None
+
+
+class Packed(NamedTuple):
+    """A result as kept until the layer is written (and as ranks exchange it), see `packed`."""
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    cols: int
+    bits: int
 
 
 def uses_gptq(cfg) -> bool:
@@ -53,11 +72,11 @@ def counts(layer, calib) -> list:
 @torch.no_grad()
 def routed(layer, calib, batch: list, owner: dict, original=None) -> dict:
     """The tokens of the blocks `batch` that the router sends to the experts of `owner` (expert -> rank),
-    delivered to their owners: {expert: (x `[n, H]`, router weights g_e(x) `[n]` float32, the same tokens'
-    inputs in the original model `[n, H]` or None)} for this rank's experts (`original`: the original
-    model's states, as `calib` holds the quantized model's). An expert's tokens come in the canonical order
-    (block's position in `batch`, then token), whichever rank computed them. Ranks send in rounds of one block each (memory: one block's tokens out,
-    the step's tokens in); a weight travels exactly, as its float32 bits in the integer metadata."""
+    delivered to their owners: {expert: Tokens} for this rank's experts (`original`: the original model's
+    states, as `calib` holds the quantized model's). An expert's tokens come in the canonical order (block's
+    position in `batch`, then token), whichever rank computed them. Ranks send in rounds of one block each
+    (memory: one block's tokens out, the step's tokens in); a router weight travels exactly, as its float32
+    bits in the integer metadata."""
     E, dev, W = adapter.num_experts(layer), calib.device, dist.world()
     H = layer.post_attention_layernorm.weight.shape[0]
     dest = torch.full((E,), -1, dtype=torch.int64, device=dev)
@@ -91,7 +110,7 @@ def routed(layer, calib, batch: list, owner: dict, original=None) -> dict:
     rows, experts, g = rows[order], meta[order, 0], meta[order, 2].int().view(torch.float32)
     sizes = torch.bincount(experts, minlength=E).tolist()
     split, weights = rows.split(sizes), g.split(sizes)
-    return {e: (split[e][:, :H], weights[e], None if original is None else split[e][:, H:])
+    return {e: Tokens(split[e][:, :H], weights[e], None if original is None else split[e][:, H:])
             for e, r in owner.items() if r == dist.rank()}
 
 
@@ -129,7 +148,7 @@ def init_expert(weights, H, cfg):
     scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
     for W, h in zip(weights, (H[0], H[0], H[1])):
         s = gptq.mse_scales(W, grid, cfg.group_size, **scale_args)
-        rtn.append((gptq.rtn(W, s, grid), s))
+        rtn.append(gptq.Quantized(gptq.rtn(W, s, grid), s))
         if H[2] < cfg.min_tokens or not uses_gptq(cfg):
             init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
         else:
@@ -146,8 +165,8 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
     module = opt = None
     if mine:
         dev = calib.device
-        module = ExpertLogits([torch.stack([init[e][p][0] for e in mine]).to(dev) for p in range(3)],
-                              [torch.stack([init[e][p][1] for e in mine]).to(dev) for p in range(3)],
+        module = ExpertLogits([torch.stack([init[e][p].codes for e in mine]).to(dev) for p in range(3)],
+                              [torch.stack([init[e][p].scales for e in mine]).to(dev) for p in range(3)],
                               gptq.Grid(cfg.bits), cfg.init_sigma, cfg.init_alpha, [(cfg.seed, i, e) for e in mine])
         weights = tuple(torch.stack([fp[e][p] for e in mine]).to(dtype) for p in range(3))
         opt = optimizer(module, cfg)
@@ -155,9 +174,9 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
     for t, batch in enumerate(batches):
         tokens = routed(layer, calib, batch, owner, original)  # every rank takes part, with experts of its own or not
         if mine:
-            xs = [tokens[e][0] for e in mine]
-            gs = [tokens[e][1] for e in mine] if cfg.token_weights == "router" else None
-            xt = [tokens[e][2] for e in mine] if original is not None else None
+            xs = [tokens[e].x for e in mine]
+            gs = [tokens[e].g for e in mine] if cfg.token_weights == "router" else None
+            xt = [tokens[e].x_original for e in mine] if original is not None else None
             losses = step(module, opt, xs, weights, t, len(batches), cfg, dtype, gs, xt)
             if t % max(1, len(batches) // 10) == 0 or t == len(batches) - 1:
                 trajectory.append((t, losses.nanmean().item()))
@@ -165,7 +184,8 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
     if not mine:
         return {}, trajectory
     hard = module.hard(dtype)
-    return {e: [(hard[p][0][j], hard[p][1][j]) for p in range(3)] for j, e in enumerate(mine)}, trajectory
+    return {e: [gptq.Quantized(hard[p].codes[j], hard[p].scales[j]) for p in range(3)] for j, e in enumerate(mine)}, \
+        trajectory
 
 
 @torch.no_grad()
@@ -181,10 +201,10 @@ def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
     return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}
 
 
-def packed(codes, scales, bits: int) -> tuple:
+def packed(codes, scales, bits: int) -> Packed:
     """A result as kept until the layer is written (and as ranks exchange it): 16 codes per int32 (2-bit)
     or 8 (3, 4 bits), the scales, the row length."""
-    return pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits
+    return Packed(pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits)
 
 
 def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=None):

@@ -54,9 +54,9 @@ def unpacked(result: tuple) -> tuple:
     return unpack(words, 2 if bits == 2 else 4, n), scales
 
 
-def write_unit(root: Path, unit: str, tensors: dict, max_bytes: int):
+def write_unit(partial_dir: Path, unit: str, tensors: dict, max_bytes: int):
     """Write `tensors` as `model-<unit>-NNN.safetensors` shards of at most max_bytes (one tensor may exceed)."""
-    for old in [*root.glob(f"model-{unit}-*.safetensors"), *root.glob(f"model-{unit}-*.tmp")]:
+    for old in [*partial_dir.glob(f"model-{unit}-*.safetensors"), *partial_dir.glob(f"model-{unit}-*.tmp")]:
         old.unlink()  # a rerun after an interrupted write replaces the unit whole
     parts, part, size = [], {}, 0
     for name in sorted(tensors):
@@ -68,7 +68,7 @@ def write_unit(root: Path, unit: str, tensors: dict, max_bytes: int):
         size += nbytes
     parts.append(part)
     for n, part in enumerate(parts):
-        path = root / f"model-{unit}-{n:03d}.safetensors"
+        path = partial_dir / f"model-{unit}-{n:03d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(part, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
@@ -138,22 +138,22 @@ def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: i
     return quantization_config(container, group_size, quantized | vllm, copied, modules)
 
 
-def finish(src: Path, root: Path, out: Path, config: dict, records: dict):
+def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict):
     """Index, `config` as config.json, tokenizer and friends, `records` (file name -> text); then the
-    atomic rename of `root` to `out`."""
+    atomic rename of `partial_dir` to `out`."""
     weight_map = {}
-    for shard in sorted(root.glob("model-*.safetensors")):
+    for shard in sorted(partial_dir.glob("model-*.safetensors")):
         with safe_open(shard, "pt") as f:
             weight_map.update({k: shard.name for k in f.keys()})
-    total = sum((root / f).stat().st_size for f in set(weight_map.values()))
+    total = sum((partial_dir / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (partial_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in sorted(src.iterdir()):
         if f.is_file() and COPIED_FILES.match(f.name):
-            shutil.copy2(f, root / f.name)
+            shutil.copy2(f, partial_dir / f.name)
     for name, text in records.items():
-        (root / name).write_text(text)
+        (partial_dir / name).write_text(text)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(root, out)
+    os.replace(partial_dir, out)

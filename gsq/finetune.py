@@ -37,11 +37,11 @@ FILE = "finetuned.safetensors"
 CHUNK = 1024  # tokens whose logits are held at once at the top
 
 
-def read_layer(root, unit: str, arch, i: int, n_experts: int, container: int) -> tuple:
+def read_layer(partial_dir, unit: str, arch, i: int, n_experts: int, container: int) -> tuple:
     """Codes `[E, out, in]` int8 and scales `[E, out, in / G]` float32 of (gate+up, down) from the shards
     of `unit` (gate rows first, as transformers fuses them)."""
     tensors = {}
-    for shard in sorted(root.glob(f"model-{unit}-*.safetensors")):
+    for shard in sorted(partial_dir.glob(f"model-{unit}-*.safetensors")):
         with safe_open(shard, "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     parts = [[], [], [], []]  # gate+up codes, gate+up scales, down codes, down scales
@@ -163,15 +163,15 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     return history
 
 
-def trained_scales(model, ckpt, arch, root, ids, cfg, dtype, device, compute) -> tuple:
+def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> tuple:
     """The trained scales of every MoE layer (`{i: (gate_up, down)}` in `dtype`) and the stage's record; read
     from `WORK/FILE` when an interrupted run had finished training, else trained and saved there."""
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
-    done = root / partial.WORK / FILE
+    done = partial_dir / partial.WORK / FILE
     if not done.exists():
         n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
-        layers = dist.on_writer(lambda: {i: read_layer(root, export.unit_name(i), arch, i, n_experts[i], cfg.container)
-                                         for i in moe})
+        layers = dist.on_writer(lambda: {i: read_layer(partial_dir, export.unit_name(i), arch, i, n_experts[i],
+                                                       cfg.container) for i in moe})
         scales = Scales(layers, device)
         history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
         record = {"steps": len(history), "kl_first": history[0], "kl_last": history[-1],
@@ -187,7 +187,7 @@ def trained_scales(model, ckpt, arch, root, ids, cfg, dtype, device, compute) ->
     return {i: (saved[0][f"{i}.gate_up"], saved[0][f"{i}.down"]) for i in moe}, json.loads(saved[1])
 
 
-def stage(model, ckpt, arch, root, ids, cfg, dtype, device, compute) -> tuple:
+def stage(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> tuple:
     """The fine-tune after the last layer: train (or take the saved result), then rewrite every MoE layer
     with its trained scales. Returns the record and `{layer: final}` as a function (rank 0 reads the shards
     and hands them to every rank), for the perplexity watch.
@@ -195,24 +195,25 @@ def stage(model, ckpt, arch, root, ids, cfg, dtype, device, compute) -> tuple:
     A layer is rewritten under a new unit name (`finetunedNNNNN`), listed in `WORK/REWRITTEN` once whole, and
     only then is its first unit removed: an interruption anywhere leaves each layer complete under one of
     the two names, and the resume rewrites the layers not listed."""
-    trained, record = trained_scales(model, ckpt, arch, root, ids, cfg, dtype, device, compute)
-    listed = root / partial.WORK / REWRITTEN
+    trained, record = trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute)
+    listed = partial_dir / partial.WORK / REWRITTEN
     if dist.is_writer():
         done = json.loads(listed.read_text()) if listed.exists() else []
         for i in trained:
             if i not in done:
-                final = layer_results(root, export.unit_name(i), arch, i, trained[i], cfg)
-                export.write_unit(root, unit(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
+                final = layer_results(partial_dir, export.unit_name(i), arch, i, trained[i], cfg)
+                export.write_unit(partial_dir, unit(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
                                   cfg.max_shard_bytes)
                 done.append(i)
                 tmp = listed.with_suffix(".tmp")
                 tmp.write_text(json.dumps(done))
                 os.replace(tmp, listed)
-            for old in root.glob(f"model-{export.unit_name(i)}-*.safetensors"):
+            for old in partial_dir.glob(f"model-{export.unit_name(i)}-*.safetensors"):
                 old.unlink()
         print(f"scale fine-tune: {record['steps']} steps, KL per token {record['kl_first']:.4f} -> {record['kl_last']:.4f}")
     dist.barrier()
-    return record, lambda i: dist.on_writer(layer_results, root, unit(i), arch, i, trained[i], cfg) if i in trained else None
+    return record, lambda i: (dist.on_writer(layer_results, partial_dir, unit(i), arch, i, trained[i], cfg)
+                              if i in trained else None)
 
 
 def unit(i: int) -> str:
@@ -223,10 +224,10 @@ def unit(i: int) -> str:
 REWRITTEN = "finetuned-layers.json"
 
 
-def layer_results(root, unit: str, arch, i: int, trained: tuple, cfg) -> list:
+def layer_results(partial_dir, unit: str, arch, i: int, trained: tuple, cfg) -> list:
     """`final[e][p]` of layer i (see `experts.packed`): the codes read back from its shards, the trained scales."""
     n_experts = trained[0].shape[0]
-    gu, _, d, _ = read_layer(root, unit, arch, i, n_experts, cfg.container)
+    gu, _, d, _ = read_layer(partial_dir, unit, arch, i, n_experts, cfg.container)
     inter = gu.shape[1] // 2
     return [[packed(c, s, cfg.bits) for c, s in ((gu[e, :inter], trained[0][e, :inter]),
                                                  (gu[e, inter:], trained[0][e, inter:]), (d[e], trained[1][e]))]

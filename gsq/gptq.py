@@ -6,8 +6,16 @@ side of zero gets the extra level; the search tries both signs per group.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class Quantized(NamedTuple):
+    """One weight matrix on the grid: int8 codes `[R, C]` and signed group scales `[R, C / group]`."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -103,4 +111,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, damp=0.1, blo
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             err1[:, i] = err
         W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
-    return codes, scales
+    return Quantized(codes, scales)

@@ -28,7 +28,7 @@ WORK = ".gsq-work"
 IGNORED = ("preset", "device")  # a preset only supplies settings; the device is compared as resolved
 
 
-def partial_dir(out: Path) -> Path:
+def partial_of(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
@@ -83,10 +83,10 @@ def difference(run: dict, saved: dict) -> str | None:
     return None
 
 
-def holder(root: Path) -> str | None:
-    """The pid of the live run holding `root`'s lock (None when no live run does)."""
+def holder(partial_dir: Path) -> str | None:
+    """The pid of the live run holding `partial_dir`'s lock (None when no live run does)."""
     try:
-        fd = os.open(root / LOCK, os.O_RDONLY)
+        fd = os.open(partial_dir / LOCK, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -98,8 +98,8 @@ def holder(root: Path) -> str | None:
     return None
 
 
-def live_run(root: Path, pid: str) -> InputError:
-    return InputError(f"a live run (pid {pid}) is writing {root}: wait for it or stop it; --overwrite never "
+def live_run(partial_dir: Path, pid: str) -> InputError:
+    return InputError(f"a live run (pid {pid}) is writing {partial_dir}: wait for it or stop it; --overwrite never "
                       "replaces a live run's output")
 
 
@@ -109,7 +109,7 @@ def check(cfg, src: Path, run: dict, held: bool = False) -> dict | None:
     if not cfg.out:
         raise InputError("--out DIR is required")
     out = Path(cfg.out)
-    root = partial_dir(out)
+    partial_dir = partial_of(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise InputError(f"--out {out} is inside the source model {src}: the source is never written to")
     if out.exists() and not out.is_dir():
@@ -117,24 +117,24 @@ def check(cfg, src: Path, run: dict, held: bool = False) -> dict | None:
     parent = next(p for p in [out.resolve().parent, *out.resolve().parent.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"--out {out} cannot be written: {parent} is not a writable directory")
-    pid = None if held else holder(root)
+    pid = None if held else holder(partial_dir)
     if pid:
-        raise live_run(root, pid)
-    started = root.exists() and any(p.name != LOCK for p in root.iterdir())
+        raise live_run(partial_dir, pid)
+    started = partial_dir.exists() and any(p.name != LOCK for p in partial_dir.iterdir())
     if out.exists() and not (cfg.overwrite or cfg.resume):
         raise InputError(f"output {out} exists: pass --overwrite to replace it")
     if started and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"an interrupted run is in {root}: pass --resume to continue it or --overwrite")
+        raise InputError(f"an interrupted run is in {partial_dir}: pass --resume to continue it or --overwrite")
     if cfg.resume and out.exists() and not started:
         raise InputError(f"output {out} is already complete: nothing to resume")
-    state = root / WORK / "state.json"
+    state = partial_dir / WORK / "state.json"
     if not (cfg.resume and state.exists()):
         return None
     point = json.loads(state.read_text())
     why = difference(run, point["run"]) if "run" in point else "it was started by a gsq that did not record its run"
     if why:
-        raise InputError(f"cannot resume {root}: {why}. Resume with the settings it was started with, or start over "
-                         "with --overwrite")
+        raise InputError(f"cannot resume {partial_dir}: {why}. Resume with the settings it was started with, or start "
+                         "over with --overwrite")
     return point
 
 
@@ -145,45 +145,45 @@ def claim(cfg, src: Path, run: dict) -> Path:
     """Take `OUT.partial/` for this run (made if needed; under --overwrite without --resume, emptied) and
     hold its lock for the life of the process. Everything `check` refuses is checked again under the lock:
     another run may have started or finished since."""
-    root = partial_dir(Path(cfg.out))
-    made = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    partial_dir = partial_of(Path(cfg.out))
+    made = not partial_dir.exists()
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(partial_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise live_run(root, holder(root) or "?") from None
+        raise live_run(partial_dir, holder(partial_dir) or "?") from None
     try:
         point = check(cfg, src, run, held=True)
     except InputError:
         if made:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(partial_dir, ignore_errors=True)
         os.close(fd)
         raise
     if point is None:  # a fresh start: whatever an earlier run left goes
-        for p in root.iterdir():
+        for p in partial_dir.iterdir():
             if p.name != LOCK:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held.append(fd)
-    return root
+    return partial_dir
 
 
-def save_state(root: Path, next_layer: int, record: dict, run: dict):
+def save_state(partial_dir: Path, next_layer: int, record: dict, run: dict):
     """The resume point before `next_layer` (its activations are committed already, gsq.acts), written whole
     and renamed into place; then the older activations are removed."""
-    work = root / WORK
+    work = partial_dir / WORK
     (work / "state.tmp").write_text(json.dumps({"next_layer": next_layer, "record": record, "run": run}))
     os.replace(work / "state.tmp", work / "state.json")
     acts.drop_old(work, next_layer)
 
 
-def finish_work(root: Path):
+def finish_work(partial_dir: Path):
     """The run is done: its resume point goes (state.json first: a resume never meets half of one)."""
-    (root / WORK / "state.json").unlink()
-    shutil.rmtree(root / WORK)
+    (partial_dir / WORK / "state.json").unlink()
+    shutil.rmtree(partial_dir / WORK)
 
 
 def release(out: Path):

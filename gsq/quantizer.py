@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gsq.adapter import swiglu
 from gsq.config import derive_seed
-from gsq.gptq import Grid
+from gsq.gptq import Grid, Quantized
 from gsq.kernels.fake_quant import hard_codes, soft_weights
 
 
@@ -100,7 +100,7 @@ class ExpertLogits(torch.nn.Module):
         for l, s, base in zip(self.logits, self.scales, self.base):
             s = s.to(scale_dtype)
             codes, _ = hard_codes(l, s.float(), self.grid, base, *self.qrange)
-            out.append((codes, s))
+            out.append(Quantized(codes, s))
         return out
 
 
