@@ -123,10 +123,11 @@ def main():
     ap.add_argument("--dataset", required=True, help="calibration text (as gsq.quantize --dataset)")
     ap.add_argument("--test-file", required=True, help="local wiki.test.raw")
     ap.add_argument("--test-windows", type=int, default=64)
+    ap.add_argument("--num-samples", type=int, help="calibration windows (default: the tiny preset's)")
     ap.add_argument("--set", action="append", default=[], help="NAME:FIELD=VALUE,... (repeatable; default base:)")
     ap.add_argument("--record", help="JSON record of every line")
     args = ap.parse_args()
-    base = Config(**PRESETS["tiny"])
+    base = Config(**{**PRESETS["tiny"], **({"num_samples": args.num_samples} if args.num_samples else {})})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     layers = [int(i) for i in args.layers.split(",")]
@@ -143,7 +144,8 @@ def main():
                           "seconds": round(time.time() - t0, 1)})
             print(json.dumps(lines[-1]), flush=True)
     if args.record:
-        Path(args.record).write_text(json.dumps({"model": args.model, "device": "CPU", "lines": lines}, indent=1) + "\n")
+        Path(args.record).write_text(json.dumps({"model": args.model, "device": "CPU", "num_samples": base.num_samples,
+                                                 "lines": lines}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
