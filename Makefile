@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
-OUT ?= out/$(notdir $(MODEL))-gsq-w2
+NAME := $(notdir $(patsubst %/,%,$(MODEL)))
+OUT ?= out/$(NAME)-gsq-w2
 SEQLEN ?= 256
 TINY := models/tiny-deepseek-v3 models/tiny-qwen3-moe
 # The bundled models get the scaled-down preset, calibrated on the local WikiText-2 valid split where
@@ -17,7 +18,7 @@ ARGS ?=
 LLMCOMPRESSOR ?=
 NPROC ?=
 KEEP ?= 4
-PRUNED ?= out/$(notdir $(MODEL))-reap$(KEEP)
+PRUNED ?= out/$(NAME)-reap$(KEEP)
 PRUNE_ARGS ?=
 
 .PHONY: install quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
@@ -59,7 +60,7 @@ inspect:
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test:
-	@$(PY) -m pytest -q -n 2 --dist loadgroup; rc=$$?; \
+	@$(PY) -m pytest -q -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # Kernel vs eager timings (CUDA), peak memory vs calibration windows (activations on disk and in host

@@ -41,13 +41,7 @@ def measured(name, tmp_path_factory) -> dict:
     return _measured[name]
 
 
-def per_model(*rest):
-    """Parameters over the models, each model's tests kept in one xdist worker (it is quantized once)."""
-    return [pytest.param(name, *r, marks=pytest.mark.xdist_group(f"regression-{name}"), id="-".join([name, *r]))
-            for name in MODELS for r in (rest or [()])]
-
-
-@pytest.mark.parametrize("name,method", per_model(("gsq",), ("gptq",)))
+@pytest.mark.parametrize("name,method", [(name, method) for name in MODELS for method in ("gsq", "gptq")])
 def test_no_regression_against_baseline(name, method, tmp_path_factory):
     got, base, tol = measured(name, tmp_path_factory)[method], BASELINE["models"][name][method], BASELINE["tolerance"]
     print(f"\n{name} {method}: KL {got['kl']:.5f} (baseline {base['kl']:.5f}, +{100 * tol['kl']:.0f}% allowed), "
@@ -57,7 +51,7 @@ def test_no_regression_against_baseline(name, method, tmp_path_factory):
         f"{name} {method} ppl regressed: {got['ppl']:.3f} vs {base['ppl']:.3f}"
 
 
-@pytest.mark.parametrize("name", per_model())
+@pytest.mark.parametrize("name", list(MODELS))
 def test_gsq_beats_its_gptq_init(name, tmp_path_factory):
     result = measured(name, tmp_path_factory)
     gsq, gptq = result["gsq"]["kl"], result["gptq"]["kl"]
