@@ -101,9 +101,10 @@ class Config:
 
 RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations", "dry_run", "ranks", "gpu_memory",
                "host_memory", "json")  # none of these changes a byte of the checkpoint
-PRUNE_FLAGS = ("model", "out", "keep", "ratio", "criterion", "dataset", "text_field", "num_samples", "seqlen", "seed",
-               "device", "resume", "overwrite", "max_shard_bytes", "preset")  # python -m gsq.prune's
-QUANTIZE_FLAGS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("keep", "ratio", "criterion"))
+PRUNE_ONLY = ("keep", "ratio", "criterion")
+PRUNE_FLAGS = ("model", "out", *PRUNE_ONLY, "dataset", "text_field", "num_samples", "seqlen", "seed", "device", "resume",
+               "overwrite", "max_shard_bytes", "preset")  # python -m gsq.prune's
+QUANTIZE_FLAGS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in PRUNE_ONLY)
 
 
 PRESETS = {

@@ -25,8 +25,7 @@ from tqdm import tqdm
 from gsq import adapter, dist, gptq
 from gsq.acts import BLOCK
 from gsq.config import derive_seed
-from gsq.export import unpacked
-from gsq.kernels.pack import pack
+from gsq.export import packed, unpacked
 from gsq.quantizer import ExpertLogits, dequant, optimizer, output_errors, step
 
 MEASURE = 64  # windows whose tokens measure each expert's error
@@ -39,15 +38,6 @@ class Tokens(NamedTuple):
     x: torch.Tensor
     g: torch.Tensor
     x_original: torch.Tensor | None
-
-
-class Packed(NamedTuple):
-    """A result as kept until the layer is written (and as ranks exchange it), see `packed`."""
-
-    words: torch.Tensor
-    scales: torch.Tensor
-    cols: int
-    bits: int
 
 
 def uses_gptq(cfg) -> bool:
@@ -184,8 +174,8 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
     if not mine:
         return {}, trajectory
     hard = module.hard(dtype)
-    return {e: [gptq.Quantized(hard[p].codes[j], hard[p].scales[j]) for p in range(3)] for j, e in enumerate(mine)}, \
-        trajectory
+    learned = {e: [gptq.Quantized(hard[p].codes[j], hard[p].scales[j]) for p in range(3)] for j, e in enumerate(mine)}
+    return learned, trajectory
 
 
 @torch.no_grad()
@@ -201,14 +191,8 @@ def measure(layer, calib, owner: dict, fp: dict, results: dict, cfg) -> dict:
     return {e: (s[:-1] / s[-1]).tolist() for e, s in sums.items() if s[-1] > 0}
 
 
-def packed(codes, scales, bits: int) -> Packed:
-    """A result as kept until the layer is written (and as ranks exchange it): 16 codes per int32 (2-bit)
-    or 8 (3, 4 bits), the scales, the row length."""
-    return Packed(pack(codes, 2 if bits == 2 else 4).cpu(), scales.cpu(), codes.shape[-1], bits)
-
-
 def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=None):
-    """Packed codes and scales of every routed expert of layer i (`final[e][p]`, see `packed`), and the
+    """Packed codes and scales of every routed expert of layer i (`final[e][p]`, see `export.packed`), and the
     layer's statistics. GSQ trains in `dtype`, the checkpoint's, and its scales are rounded to it. The
     layer keeps its original experts (`set_quantized` replaces them)."""
     t0 = time.time()

@@ -11,11 +11,13 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gsq.gptq import Grid
 from gsq.kernels.pack import pack, unpack
 
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
@@ -48,10 +50,23 @@ def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     return tensors
 
 
-def unpacked(result: tuple) -> tuple:
-    """Codes and scales of a result as kept until written (see gsq.experts.packed)."""
-    words, scales, n, bits = result
-    return unpack(words, 2 if bits == 2 else 4, n), scales
+class Packed(NamedTuple):
+    """A result as kept until the layer is written (and as ranks exchange it): the codes in int32 words of
+    `Grid(bits).word_bits` per code, the scales, the row length."""
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    cols: int
+    bits: int
+
+
+def packed(codes, scales, bits: int) -> Packed:
+    return Packed(pack(codes, Grid(bits).word_bits).cpu(), scales.cpu(), codes.shape[-1], bits)
+
+
+def unpacked(result: Packed) -> tuple:
+    """Codes and scales of a `packed` result."""
+    return unpack(result.words, Grid(result.bits).word_bits, result.cols), result.scales
 
 
 def write_unit(partial_dir: Path, unit: str, tensors: dict, max_bytes: int):

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from gsq import adapter, dist, export, partial, stream
 from gsq.acts import BLOCK
 from gsq.config import derive_seed
-from gsq.experts import minibatches, packed
+from gsq.experts import minibatches
+from gsq.export import packed
 from gsq.kernels.pack import unpack
 from gsq.quantizer import cosine, dequant
 
@@ -225,7 +226,7 @@ REWRITTEN = "finetuned-layers.json"
 
 
 def layer_results(partial_dir, unit: str, arch, i: int, trained: tuple, cfg) -> list:
-    """`final[e][p]` of layer i (see `experts.packed`): the codes read back from its shards, the trained scales."""
+    """`final[e][p]` of layer i (see `export.packed`): the codes read back from its shards, the trained scales."""
     n_experts = trained[0].shape[0]
     gu, _, d, _ = read_layer(partial_dir, unit, arch, i, n_experts, cfg.container)
     inter = gu.shape[1] // 2

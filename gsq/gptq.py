@@ -41,6 +41,11 @@ class Grid:
     def levels(self) -> torch.Tensor:
         return torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
 
+    @property
+    def word_bits(self) -> int:
+        """Bits per code in the int32 words a result is held in until written: 2, or 4 for 3- and 4-bit codes."""
+        return 2 if self.bits == 2 else 4
+
     def choices(self) -> torch.Tensor:
         """What GSQ's logits choose between: the levels, or the local shifts of the init code."""
         return torch.arange(-2.0, 3.0) if self.local else self.levels()

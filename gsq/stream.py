@@ -311,7 +311,7 @@ def load_globals(ckpt: Checkpoint, model, arch, device, dtype):
     """Embeddings, final norm, lm_head and rotary embedding: what runs outside the decoder layers."""
     prefix = arch.layers_prefix[: -len("model.layers")]
     names = {m + ".weight": prefix + m + ".weight" for m in adapter.GLOBALS}
-    embeddings, head = (m + ".weight" for m in (adapter.GLOBALS[0], adapter.GLOBALS[-1]))
+    embeddings, _, head = (m + ".weight" for m in adapter.GLOBALS)
     if names[head] not in ckpt.where:  # tied embeddings
         names[head] = names[embeddings]
     tensors = ckpt.load(set(names.values()), device)
