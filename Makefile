@@ -2,6 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The exact versions CI tested (`make lock` writes them): torch and triton for the CPU, everything else.
+TORCH_LOCK := requirements/torch-cpu.txt
+LOCK := requirements/lock.txt
+TORCH_PART := '^(torch|triton|setuptools)=='  # what a CUDA torch pins itself (torch 2.11: triton==3.6.0, setuptools<82)
+# The newest releases pyproject allows, in a venv of their own (`make test-latest`).
+LATEST ?= .venv-latest
+LATEST_TESTS := tests/test_layout.py tests/test_fixture.py tests/test_export.py tests/test_eval.py tests/test_quantize.py
 DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
 NAME := $(notdir $(patsubst %/,%,$(MODEL)))
@@ -21,13 +28,35 @@ KEEP ?= 4
 PRUNED ?= out/$(NAME)-reap$(KEEP)
 PRUNE_ARGS ?=
 
-.PHONY: install quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
+.PHONY: install test-latest lock quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
 
+# The locked versions: the same `pip freeze` on every fresh machine. On a GPU machine install your CUDA torch
+# into the venv first and skip $(TORCH_LOCK): `make install TORCH_LOCK=`.
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[lm-eval,dev,report]'
+	$(PY) -m pip install --quiet -c $(LOCK) pip
+	$(if $(TORCH_LOCK),$(PY) -m pip install --quiet -r $(TORCH_LOCK))
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[lm-eval,dev,report]'
+
+# Tomorrow's releases before a user meets them: a fresh venv with the newest versions pyproject allows (torch
+# stays the CPU wheel of $(TORCH_LOCK)), what differs from the lock, then the fast tests. Not part of CI.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet $$(grep '^torch==' $(TORCH_LOCK))
+	$(LATEST)/bin/python -m pip install --quiet -e '.[lm-eval,dev,report]'
+	$(LATEST)/bin/python eval/versions.py $(LOCK) $(TORCH_LOCK)
+	$(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile $(LATEST_TESTS)
+	touch $(LATEST)/passed
+
+# Freeze the venv `make test-latest` passed in as the new lock (commit it on its own, then run make test).
+lock:
+	@test -f $(LATEST)/passed || { echo "error: no passing $(LATEST): run make test-latest first"; exit 2; }
+	{ echo "# torch and what it pins, as CI tested them (CPU); a GPU machine brings its own CUDA build. Written by make lock."; \
+	  $(LATEST)/bin/python -m pip freeze --all | grep -E $(TORCH_PART) | sed 's/+cpu$$//'; } > $(TORCH_LOCK)
+	{ echo "# Every other package as CI tested it (pip constraints, Python 3.11). Written by make lock."; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -vE $(TORCH_PART); } > $(LOCK)
 
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
 # NPROC=N: N processes under torchrun, the experts of each layer split across them.

@@ -147,8 +147,14 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
         raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
     check_weights(root, config)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    extra = {}
+    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        # loaded on the CPU, where transformers >= 5.25 would fetch MXFP4 kernels from the Hub: decode to bf16
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
-        model = auto.from_pretrained(root, dtype=torch_dtype).to(device).eval()
+        model = auto.from_pretrained(root, dtype=torch_dtype, **extra).to(device).eval()
     except (OSError, ValueError) as exc:  # no or unreadable weights
         raise InputError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
     except RuntimeError as exc:  # transformers' own loader fails on it (its weight conversions)

@@ -1,23 +1,44 @@
-"""The kernels folder installs as `gsq.kernels` and is never taken for Hugging Face's `kernels` package."""
+"""The repository's layout: the kernels folder is `gsq.kernels` and the root shadows no installed package."""
 
+import importlib.metadata
 import importlib.util
+import subprocess
+import sys
+
+import pytest
 
 from conftest import ROOT
 
 
 def test_kernels_folder_is_gsq_kernels():
-    import gsq.kernels
+    import gsq.kernels.pack
 
-    assert gsq.kernels.__file__ == str(ROOT / "kernels" / "__init__.py")
+    assert importlib.util.find_spec("gsq.kernels").submodule_search_locations[0] == str(ROOT / "gsq" / "kernels")
+    assert (ROOT / "gsq" / "kernels").resolve() == ROOT / "kernels"
+    assert gsq.kernels.pack.__file__ == str(ROOT / "gsq" / "kernels" / "pack.py")
 
 
-def test_transformers_does_not_mistake_it_for_hub_kernels():
-    from transformers.utils import is_kernels_available
+def test_the_root_holds_no_package_a_dependency_could_lose_to():
+    # `python -m`, `python -c` and pytest put the working directory first on sys.path: a regular package or a
+    # module there beats every installed one of that name. Folders without __init__.py never do (PEP 420).
+    importable = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    importable |= {p.stem for p in ROOT.glob("*.py")}
+    installed = {name for name, dists in importlib.metadata.packages_distributions().items() if dists != ["gsq"]}
+    assert not importable & installed
+    assert importable <= {"gsq"}, importable
 
-    # From the repo root the folder is importable as `kernels`; transformers must still see no hub kernels.
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or spec.origin == str(ROOT / "kernels" / "__init__.py")
-    assert not is_kernels_available()
+
+def test_hub_kernels_is_imported_from_the_root():
+    # transformers >= 5.25 imports Hugging Face's `kernels` from transformers.activations; from the repository
+    # root (where `make`, pytest and users run) that must be the installed package, not our kernels/ folder.
+    try:
+        hub = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    run = subprocess.run([sys.executable, "-c", "import kernels, transformers.activations; print(kernels.__file__)"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(hub)
 
 
 def imports_of(module: str) -> set:

@@ -38,13 +38,13 @@ VLLM["deepseek_v3_ct"] = VLLM["deepseek_v3"]  # the same model, its FP8 written 
 MOE_LAYERS = {"deepseek_v3": [1, 2], "deepseek_v3_ct": [1, 2], "kimi_k25": [1, 2], "minimax_m2": [0, 1], "kimi_linear": [1, 2, 3],
               "qwen3_next": [0, 1, 2, 3], "qwen3_moe": [0, 1], "mixtral": [0, 1]}
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-# transformers 5.24 cannot load any compressed-tensors Kimi-Linear checkpoint: its dequantizing loader feeds
+# transformers 5.24 and 5.25 cannot load any compressed-tensors Kimi-Linear checkpoint: its dequantizing loader feeds
 # the KDA layers' q/k/v_conv1d concatenation nothing (CompressedTensorsDequantize takes the converter's
 # per-source dict for an experts one)
-TRANSFORMERS_CANNOT = {"kimi_linear": "transformers 5.24 loads no compressed-tensors Kimi-Linear checkpoint"}
+TRANSFORMERS_CANNOT = {"kimi_linear": "transformers 5.24-5.25 loads no compressed-tensors Kimi-Linear checkpoint"}
 # ... nor a compressed-tensors block-FP8 MoE source (the reference in test_eval_against_the_source): it multiplies each FP8 expert by its
 # [out/128, in/128] scale grid without expanding it to the blocks
-NO_REFERENCE = {"deepseek_v3_ct": "transformers 5.24 loads no compressed-tensors block-FP8 MoE checkpoint"}
+NO_REFERENCE = {"deepseek_v3_ct": "transformers 5.24-5.25 loads no compressed-tensors block-FP8 MoE checkpoint"}
 
 
 @pytest.fixture(scope="module", params=list(VLLM))

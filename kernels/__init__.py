@@ -1,1 +1,0 @@
-"""Triton kernels of gsq, each beside its plain-torch reference; installed as `gsq.kernels`."""
