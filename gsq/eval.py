@@ -131,6 +131,20 @@ def check_weights(root: Path, config):
     stream.check_shapes(ckpt, stream.skeleton(adapter.text_config(config)), arch)
 
 
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def fails(model, device: str) -> Exception | None:
+    """What one forward pass of two tokens raises (None: it runs)."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=device))
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as exc:
+        return exc
+    return None
+
+
 def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -156,15 +170,22 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     try:
         model = auto.from_pretrained(root, dtype=torch_dtype, **extra).to(device).eval()
     except (OSError, ValueError) as exc:  # no or unreadable weights
-        raise InputError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
+        raise InputError(f"cannot load the model in {path}: {first_line(exc)}") from exc
     except RuntimeError as exc:  # transformers' own loader fails on it (its weight conversions)
+        model, why = None, exc
+    else:
+        why = fails(model, device)
+    if why is not None:  # a loader can accept a checkpoint its forward cannot run (its kernels, its shapes)
         from gsq import adapter, stream
 
-        adapter.arch_of(config)  # a model gsq cannot read either: one line, not the traceback above
-        print(f"transformers cannot load {path} ({str(exc).splitlines()[0][:160]}); reading it with gsq's "
-              "own streaming reader", file=sys.stderr)
+        adapter.arch_of(config)  # a model gsq cannot read either: one line, not the traceback
+        print(f"transformers cannot run {path} ({first_line(why)[:160]}); reading it with gsq's own streaming "
+              "reader", file=sys.stderr)
         model = stream.dense_model(root, device, getattr(torch, dtype) if dtype != "auto" else
                                    stream.model_dtype(adapter.text_config(config)))
+        why = fails(model, device)
+        if why is not None:
+            raise InputError(f"cannot run the model in {path}: {first_line(why)}") from why
     return model, load_tokenizer(root)
 
 
@@ -246,6 +267,10 @@ def main(argv=None):
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         result["tasks"] = run_tasks(model, tokenizer, tasks, args.tasks_include, args.tasks_limit, device=device)
+    from gsq import card
+
+    if card.add_result(Path(args.model), result, args.data_file):
+        print(f"added to the results of {Path(args.model) / 'README.md'}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, default=str))
         return

@@ -21,7 +21,8 @@ from gsq.gptq import Grid
 from gsq.kernels.pack import pack, unpack
 
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
-                          r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json)$")
+                          r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json|LICEN[SC]E.*|NOTICE.*)$",
+                          re.I)
 
 
 def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, container: int) -> dict:
@@ -86,7 +87,16 @@ def write_unit(partial_dir: Path, unit: str, tensors: dict, max_bytes: int):
         path = partial_dir / f"model-{unit}-{n:03d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(part, tmp, metadata={"format": "pt"})
+        readable(tmp)
         os.replace(tmp, path)
+
+
+def readable(path: Path):
+    """The mode any new file gets (0666 less the umask): safetensors writes 0600, which a server running as
+    another user (a container, a shared model store) cannot read."""
+    umask = os.umask(0o022)
+    os.umask(umask)  # (reading it means setting it)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def targets(mine: set, others: set) -> list:
@@ -154,10 +164,14 @@ def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: i
 
 
 def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict):
-    """Index, `config` as config.json, tokenizer and friends, `records` (file name -> text); then the
-    atomic rename of `partial_dir` to `out`."""
+    """The shards renamed as users and tools expect them (`model-00001-of-000NN.safetensors`, in unit order;
+    the resume design keeps its own names until here), their index, `config` as config.json, tokenizer and
+    friends, `records` (file name -> text); then the atomic rename of `partial_dir` to `out`."""
+    units = sorted(partial_dir.glob("model-*.safetensors"))
     weight_map = {}
-    for shard in sorted(partial_dir.glob("model-*.safetensors")):
+    for n, unit in enumerate(units, 1):
+        shard = unit.with_name(f"model-{n:05d}-of-{len(units):05d}.safetensors")
+        os.replace(unit, shard)
         with safe_open(shard, "pt") as f:
             weight_map.update({k: shard.name for k in f.keys()})
     total = sum((partial_dir / f).stat().st_size for f in set(weight_map.values()))
@@ -166,7 +180,7 @@ def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict)
     (partial_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in sorted(src.iterdir()):
         if f.is_file() and COPIED_FILES.match(f.name):
-            shutil.copy2(f, partial_dir / f.name)
+            shutil.copyfile(f, partial_dir / f.name)  # the mode of a new file, as every other file here
     for name, text in records.items():
         (partial_dir / name).write_text(text)
     if out.exists():

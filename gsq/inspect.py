@@ -29,6 +29,16 @@ def max_distinct_per_group(codes: torch.Tensor, group: int) -> int:
     return int(((g[..., 1:] != g[..., :-1]).sum(-1) + 1).max())
 
 
+def tensor_parallel_sizes(hidden: int, widths: set, heads: int, group: int) -> list:
+    """The tensor-parallel sizes at which vLLM 0.33 loads experts of hidden size `hidden` and intermediate
+    `widths`: its WNA16 MoE layer needs the hidden size and each rank's share of the expert width to be multiples
+    of the group size, for either container (create_weights in compressed_tensors_moe_wna16.py), and the
+    attention heads must split evenly. Expert parallelism does not split the experts (eval/vllm/README.md)."""
+    if hidden % group:
+        return []
+    return [tp for tp in (1, 2, 4, 8, 16, 32, 64) if heads % tp == 0 and all(w % (tp * group) == 0 for w in widths)]
+
+
 def inspect(path: Path) -> dict:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.utils.match import match_name
@@ -39,7 +49,8 @@ def inspect(path: Path) -> dict:
     if not config_file.is_file():
         raise InputError(f"{path} is not a checkpoint directory (no config.json)")
     Checkpoint(path)  # shards whole, formats known, packed widths as configured: refused in one line if not
-    qc = json.loads(config_file.read_text()).get("quantization_config")
+    config = json.loads(config_file.read_text())
+    qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")
     # the integer pack-quantized group (gsq's experts); others describe modules copied as the source stored them
@@ -52,6 +63,7 @@ def inspect(path: Path) -> dict:
     run = json.loads((path / "gsq_config.json").read_text()) if (path / "gsq_config.json").is_file() else {}
     bits = run.get("bits", container)
     layers = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0, "max_distinct": 0})
+    shapes = set()
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             for name in f.keys():
@@ -63,6 +75,7 @@ def inspect(path: Path) -> dict:
                 packed, scale = f.get_tensor(name), f.get_tensor(key + ".weight_scale")
                 shape = f.get_tensor(key + ".weight_shape")
                 codes = unpack_from_int32(packed, container, shape)
+                shapes.add(tuple(shape.tolist()))
                 m = LAYER.match(name)
                 row = layers[int(m.group(1)) if m else -1]
                 row["tensors"] += 1
@@ -72,11 +85,15 @@ def inspect(path: Path) -> dict:
     if not layers:
         raise InputError(f"{path} holds no packed (weight_packed) tensors")
     total = {k: sum(r[k] for r in layers.values()) for k in ("tensors", "weights", "bytes")}
+    text = config.get("text_config", config)
+    hidden = text["hidden_size"]
     report = {"checkpoint": str(path), "bits": bits, "container_bits": container, "group_size": group,
               "layers": {i: {**r, "bits_per_weight": 8 * r["bytes"] / r["weights"]} for i, r in sorted(layers.items())},
               "quantized": {**total, "bits_per_weight": 8 * total["bytes"] / total["weights"],
                             "max_distinct": max(r["max_distinct"] for r in layers.values())},
-              "checkpoint_bytes": checkpoint_bytes(path)}
+              "checkpoint_bytes": checkpoint_bytes(path),
+              "vllm_tensor_parallel": tensor_parallel_sizes(hidden, {d for shape in shapes for d in shape if d != hidden}
+                                                            or {hidden}, text["num_attention_heads"], group)}
     return report
 
 
@@ -112,6 +129,10 @@ def main(argv=None):
         line += (f", original {report['original_bytes'] / 2**20:.2f} MiB "
                  f"({report['checkpoint_bytes'] / report['original_bytes']:.3f}x)")
     print(line)
+    tp = ", ".join(map(str, report["vllm_tensor_parallel"])) or "none"
+    print(f"vLLM 0.33 loads it at tensor-parallel sizes: {tp} (hidden size and each rank's share of the expert "
+          f"width must be multiples of group {report['group_size']}); expert parallelism "
+          "(--enable-expert-parallel) does not split the experts, so this limit does not apply to it")
     if q["max_distinct"] > 2 ** report["bits"]:
         raise InputError(f"a group uses {q['max_distinct']} distinct codes, more than {2 ** report['bits']} "
                          f"for {report['bits']}-bit quantization")

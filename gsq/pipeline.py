@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, dist, experts, export, finetune, partial, plan, walk
+from gsq import acts, adapter, card, dist, experts, export, finetune, partial, plan, walk
 from gsq import calib as calibration
 from gsq.config import Config
+from gsq.inspect import tensor_parallel_sizes
 from gsq.eval import eval_windows, load_tokenizer, pick_device, summarize, window_sums, wikitext_rows
 
 
@@ -197,10 +198,13 @@ def run(cfg: Config) -> dict:
     config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
     config["quantization_config"] = export.output_quantization(source.ckpt, arch, source.n_layers, cfg.container,
                                                                cfg.group_size)
-    export.finish(source.path, partial_dir, out, config, {"gsq_config.json": cfg.to_json()})
-    partial.release(out)
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=walk.peak_rss_mb())
-    (out / "gsq_run.json").write_text(json.dumps(record, indent=2) + "\n")
+    _, inter, hidden = adapter.expert_shape(next(layer for layer in model.model.layers if adapter.is_moe(layer)))
+    tp = tensor_parallel_sizes(hidden, {inter}, model.config.num_attention_heads, cfg.group_size)
+    export.finish(source.path, partial_dir, out, config, {
+        "gsq_config.json": cfg.to_json(), "gsq_run.json": json.dumps(record, indent=2) + "\n",
+        "README.md": card.quantized_card(source.path, out, config, cfg, record, tp, partial_dir)})
+    partial.release(out)
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
     dist.finish()
     return record

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, calib, export, partial, stream, walk
+from gsq import acts, adapter, calib, card, export, partial, stream, walk
 from gsq.config import PRUNE_FLAGS, Config, build_parser, derive_seed, from_args
 from gsq.errors import InputError, run_cli
 from gsq.eval import load_tokenizer, pick_device
@@ -216,8 +216,9 @@ def run(cfg: Config) -> dict:
     export.write_unit(partial_dir, "rest", source.ckpt.raw(rest), cfg.max_shard_bytes)
     partial.finish_work(partial_dir)
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json(PRUNE_FLAGS)))
-    export.finish(source.path, partial_dir, Path(cfg.out), out_config,
-                  {"gsq_prune.json": json.dumps(record, indent=2) + "\n"})
+    export.finish(source.path, partial_dir, Path(cfg.out), out_config, {
+        "gsq_prune.json": json.dumps(record, indent=2) + "\n",
+        "README.md": card.pruned_card(source.path, Path(cfg.out), out_config, record, partial_dir)})
     partial.release(Path(cfg.out))
     print(f"wrote {cfg.out}: {keep} of {E} routed experts per layer, in {record['seconds']:.0f}s")
     return record

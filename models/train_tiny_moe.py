@@ -107,6 +107,8 @@ def build_config(arch: str, vocab_size: int):
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
+        topk_method="noaux_tc",  # how transformers routes it; stated as published, since vLLM reads them
+        scoring_func="sigmoid",
     )
 
 

@@ -23,6 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# A user's usual umask: every file gsq writes is then readable by others (a server running as another user).
+os.umask(0o022)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-deepseek-v3"
 QWEN_MODEL = ROOT / "models" / "tiny-qwen3-moe"  # the second bundled model: another routing shape
@@ -61,6 +64,32 @@ def quantize(*args, wait=True, model=TINY_MODEL):
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+VLLM_READING = ROOT / "eval" / "vllm" / "vllm-0.33.0.json"
+
+
+def vllm_misses(path: Path) -> list:
+    """What vLLM's model class for the checkpoint in `path` reads from its config and does not find (a key it
+    reads without a default), or finds otherwise than every published model of that type states it (`key=value`):
+    the keys as read from vLLM 0.33's source, recorded in eval/vllm/vllm-0.33.0.json."""
+    import json
+
+    from transformers import AutoConfig
+
+    stated = json.loads((path / "config.json").read_text())
+    model = json.loads(VLLM_READING.read_text())["models"][stated["model_type"]]
+    config = AutoConfig.from_pretrained(path)
+    if model.get("text_config"):
+        stated, config = stated["text_config"], config.text_config
+    misses = [key for key in model["reads"] if not hasattr(config, key)]
+    return misses + [f"{key}={value}" for key, value in model.get("config_json", {}).items()
+                     if key not in stated or value is not None and stated[key] != value]
+
+
+def unreadable_by_others(directory: Path) -> list:
+    """The files under `directory` that another user could not read (under the umask 022 set above)."""
+    return [str(p) for p in Path(directory).rglob("*") if p.is_file() and p.stat().st_mode & 0o044 != 0o044]
 
 
 def digest(directory, skip=("gsq_run.json",)):

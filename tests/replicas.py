@@ -73,7 +73,13 @@ def saved(model, dst: Path) -> dict:
     return tensors
 
 
-def deepseek_v3_fp8(dst: Path) -> Path:
+# Keys every published DeepSeek-V3/R1/Kimi-K2 config.json states that transformers' DeepseekV3Config does not hold
+# (it always routes this way); vLLM reads them, and without them builds no e_score_correction_bias and routes with
+# softmax (eval/vllm/README.md).
+DEEPSEEK_ROUTING = {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+
+
+def deepseek_v3_fp8(dst: Path, kv_lora_rank: int = 128) -> Path:
     """DeepSeek-V3 as shipped: block FP8 on every linear of the decoder layers (the routers `mlp.gate`
     stay bf16), and a multi-token-prediction layer stored as layer `num_hidden_layers` with its
     `enorm`/`hnorm`/`eh_proj`/`shared_head`. Random weights; the real model's shape rules (MLA ranks and
@@ -84,7 +90,7 @@ def deepseek_v3_fp8(dst: Path) -> Path:
     config = DeepseekV3Config(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                               num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                               n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
-                              n_group=1, topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+                              n_group=1, topk_group=1, q_lora_rank=128, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=64,
                               qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=4096, num_nextn_predict_layers=1)
     dst.mkdir(parents=True)
     tensors = saved(DeepseekV3ForCausalLM(config), dst)
@@ -102,7 +108,7 @@ def deepseek_v3_fp8(dst: Path) -> Path:
     write_fp8(tensors, dst, lambda k: k.startswith("model.layers.") and not k.endswith("mlp.gate.weight")
               and not mtp_plain.match(k))
     published = json.loads((dst / "config.json").read_text())
-    published["quantization_config"] = FP8_CONFIG
+    published.update(DEEPSEEK_ROUTING, quantization_config=FP8_CONFIG)
     (dst / "config.json").write_text(json.dumps(published, indent=2))
     return dst
 
@@ -124,7 +130,9 @@ def minimax_m2_fp8(dst: Path) -> Path:
     from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
 
     torch.manual_seed(0)
-    config = MiniMaxM2Config(**COMMON, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, head_dim=64)
+    # as published: partial RoPE stated as rotary_dim (half the head, 64 of 128), sigmoid routing with a bias
+    config = MiniMaxM2Config(**COMMON, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, head_dim=64,
+                             rotary_dim=32, scoring_func="sigmoid", use_routing_bias=True)
     model = MiniMaxM2ForCausalLM(config)
     with torch.no_grad():  # a trained router's correction bias is not zero
         for layer in model.model.layers:
@@ -158,7 +166,8 @@ def kimi_linear(dst: Path) -> Path:
     torch.manual_seed(0)
     config = KimiLinearConfig(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=4, moe_intermediate_size=128,
                               intermediate_size=256, num_local_experts=8, kv_lora_rank=128, qk_nope_head_dim=64,
-                              qk_rope_head_dim=64, v_head_dim=64,
+                              qk_rope_head_dim=64, v_head_dim=64, mla_use_nope=True,
+                              moe_router_activation_func="sigmoid",
                               linear_attn_config={"full_attn_layers": [2, 4], "kda_layers": [1, 3], "head_dim": 64,
                                                   "num_heads": 4, "short_conv_kernel_size": 4})
     dst.mkdir(parents=True)
@@ -206,7 +215,7 @@ def kimi_k25_int4(dst: Path) -> Path:
                 moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                 n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
                 topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
-                v_head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False)
+                v_head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False, **DEEPSEEK_ROUTING)
     vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=64, intermediate_size=128,
                   pos_emb_height=8, pos_emb_width=8)
     config = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=64, tie_word_embeddings=False)

@@ -69,10 +69,24 @@ def test_inspect_prints_layers_and_size(quantized):
     lines = proc.stdout.splitlines()
     assert sum(line.split()[0].isdigit() for line in lines) == 6  # one row per MoE layer
     assert "2.125 bits/weight" in proc.stdout and "at most 4 codes per group" in proc.stdout
-    assert "original" in lines[-1]
+    assert "original" in lines[-2]
+    # hidden 256, expert width 128, group 128: only TP 1 (each rank's share of the width would be 64)
+    assert lines[-1].startswith("vLLM 0.33 loads it at tensor-parallel sizes: 1 (")
     bad = inspect(TINY_MODEL)
     assert bad.returncode == 2 and bad.stderr.strip() == \
         f"error: {TINY_MODEL} has no compressed-tensors quantization_config: nothing quantized to inspect"
+
+
+def test_tensor_parallel_sizes_vllm_loads():
+    from gsq.inspect import tensor_parallel_sizes
+
+    def sizes(hidden, width, heads):
+        return tensor_parallel_sizes(hidden, {width}, heads, 128)
+
+    assert sizes(2048, 768, 32) == [1, 2]  # Qwen3-30B-A3B: not TP 4 (192 per rank) or 8
+    assert sizes(3072, 1536, 48) == [1, 2, 4]  # MiniMax-M2: not TP 8
+    assert sizes(7168, 2048, 64) == [1, 2, 4, 8, 16]  # Kimi-K2.5, DeepSeek-V3
+    assert sizes(2880, 2880, 64) == []  # gpt-oss: hidden 2880 is no multiple of 128
 
 
 def test_eval_of_the_export_matches_the_runs_own_perplexity(quantized):

@@ -325,8 +325,8 @@ def foreign(dst):
 
 
 READERS = {  # row: (build from the quantized checkpoint and a path, words of gsq.inspect's line, of gsq.eval's)
-    "truncated shard": (lambda q, d: truncated_shard(shutil.copytree(q, d), "model-finetuned00003-000.safetensors"),
-                        *[["model-finetuned00003-000.safetensors is truncated or corrupt"]] * 2),
+    "truncated shard": (lambda q, d: truncated_shard(shutil.copytree(q, d), "model-00003-of-00008.safetensors"),
+                        *[["model-00003-of-00008.safetensors is truncated or corrupt"]] * 2),
     "mixed bit widths": (mixed, *[["int32 words per row, but the 4-bit codes", "do not have the bit width"]] * 2),
     "foreign format": (lambda q, d: foreign(d), *[["source quantization 'awq' is not supported"]] * 2),
     "not a checkpoint": (lambda q, d: d.mkdir() or d, ["is not a checkpoint directory (no config.json)"],
@@ -337,6 +337,15 @@ READERS = {  # row: (build from the quantized checkpoint and a path, words of gs
 def truncated_shard(d, name):
     os.truncate(d / name, (d / name).stat().st_size // 2)
     return d
+
+
+def test_eval_of_a_model_whose_forward_fails_is_one_line(tmp_path):
+    # transformers loads it (8 experts in 3 groups is no shape error to its loader), then its router cannot split
+    # the experts into the groups; gsq's own reader builds the same modules and fails the same way
+    src = tiny_copy(tmp_path / "groups", config={"n_group": 3})
+    proc = run_tool("gsq.eval", "--model", src, *EVAL)
+    one_error_line(proc, f"cannot run the model in {src}: ", alone=False)
+    assert "transformers cannot run" in proc.stderr
 
 
 @pytest.mark.parametrize("row", READERS)

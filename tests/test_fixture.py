@@ -3,7 +3,7 @@ LMs, and their experts matter."""
 
 import pytest
 import torch
-from conftest import QWEN_MODEL, TINY_MODEL
+from conftest import QWEN_MODEL, TINY_MODEL, vllm_misses
 
 from gsq.eval import eval_windows, evaluate, load_model
 
@@ -21,6 +21,11 @@ def test_loads_offline_with_plain_auto_classes(path):
     assert type(model).__name__ == CLASSES[path] and model.dtype == torch.bfloat16
     assert model.config.vocab_size == len(tokenizer)
     assert sum(f.stat().st_size for f in path.iterdir()) < 20e6
+
+
+@pytest.mark.parametrize("path", CLASSES, ids=lambda p: p.name)
+def test_config_holds_every_key_vllm_reads(path):
+    assert vllm_misses(path) == []
 
 
 def test_has_the_shape_of_a_real_deepseek_v3_moe():

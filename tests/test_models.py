@@ -14,7 +14,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
-from conftest import CALIB_DATA, FAST, ROOT, WIKI_TEST, digest, quantize
+from conftest import CALIB_DATA, FAST, ROOT, WIKI_TEST, digest, quantize, vllm_misses
 
 import replicas
 from gsq import stream
@@ -70,6 +70,11 @@ def weight_map(path):
 def tensor(where, name):
     with safe_open(where[name], "pt") as f:
         return f.get_tensor(name)
+
+
+def test_source_and_output_configs_hold_every_key_vllm_reads(run):
+    kind, src, out = run
+    assert vllm_misses(src) == [] and vllm_misses(out) == []
 
 
 def test_checkpoint_as_vllm_and_compressed_tensors_read_it(run):

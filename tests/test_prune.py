@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from conftest import CALIB_DATA, FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize
+from conftest import CALIB_DATA, FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize, unreadable_by_others
 
 from gsq import acts, adapter, prune, stream
 from gsq.errors import InputError
@@ -101,12 +101,31 @@ def test_saliency_is_the_router_weighted_output_norm(tiny):
     torch.testing.assert_close(ours, total / n.clamp(min=1), rtol=1e-4, atol=1e-6)
 
 
+def test_the_card_says_what_was_pruned_and_carries_the_license(pruned, tmp_path):
+    import yaml
+
+    from gsq import card, export
+
+    text = (pruned / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "tiny-deepseek-v3" and {"reap", "pruned"} <= set(meta["tags"])
+    assert "pruned from 8 to 4\nby REAP" in text
+    src = tmp_path / "models--org--Big-MoE" / "snapshots" / "abc123"  # a Hub cache snapshot
+    src.mkdir(parents=True)
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: modified-mit\n---\n# Big MoE\n")
+    meta = yaml.safe_load(card.front_matter(src, ["gsq"]).split("---\n")[1])
+    assert meta["base_model"] == "org/Big-MoE" and (meta["license"], meta["license_name"]) == ("other", "modified-mit")
+    assert all(export.COPIED_FILES.match(f) for f in ("LICENSE", "LICENSE.txt", "license.md", "NOTICE"))
+    assert not export.COPIED_FILES.match("README.md")
+
+
 def test_prune_then_gsq_end_to_end(pruned, tmp_path):
     out = tmp_path / "reap4-w2"
     proc = quantize("--out", str(out), *FAST, model=pruned)
     assert proc.returncode == 0, proc.stderr[-3000:]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert len([k for k in index if k.endswith(".weight_packed")]) == 6 * 4 * 3
+    assert unreadable_by_others(pruned) == [] and unreadable_by_others(out) == []  # prune's output, compress's
     for model in (pruned, out):
         proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(model), "--reference",
                                str(TINY_MODEL), "--data-file", str(WIKI_TEST), "--seqlen", "128",

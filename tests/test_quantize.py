@@ -11,7 +11,7 @@ import sys
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from conftest import FAST, ROOT, TINY_MODEL, digest, quantize
+from conftest import FAST, ROOT, TINY_MODEL, WIKI_TEST, digest, quantize, unreadable_by_others
 from safetensors import safe_open
 
 
@@ -28,6 +28,37 @@ def test_output_is_a_complete_checkpoint(quantized, source_digest):
     moe = [layer for layer in run["layers"] if layer["moe"]]
     assert len(moe) == 6 and all(len(layer["tokens_per_expert"]) == 8 for layer in moe)
     assert digest(TINY_MODEL, skip=()) == source_digest  # the source is never modified
+    shards = sorted(p.name for p in quantized.glob("*.safetensors"))
+    assert shards == [f"model-{n:05d}-of-00008.safetensors" for n in range(1, 9)]  # 6 MoE layers, 1 dense, the rest
+    index = json.loads((quantized / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] <= sum((quantized / f).stat().st_size for f in shards)
+    assert unreadable_by_others(quantized) == []
+
+
+def test_the_card_describes_the_run_and_takes_the_eval_results(quantized, tmp_path):
+    import shutil
+
+    import yaml
+
+    out = shutil.copytree(quantized, tmp_path / "w2")
+    text = (out / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])  # Hub-style front matter
+    assert meta["base_model"] == "tiny-deepseek-v3" and {"gsq", "compressed-tensors", "2-bit"} <= set(meta["tags"])
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("transformers", "text-generation")
+    run = json.loads((out / "gsq_run.json").read_text())
+    for point in run["ppl"]:  # the perplexity trajectory measured during the run
+        assert f"| {point['layers_quantized']} | {point['ppl']:.3f} |" in text
+    assert f"vllm serve {quantized.name}\n" in text and "tensor-parallel sizes 1 " in text
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", str(TINY_MODEL),
+                           "--data-file", str(WIKI_TEST), "--seqlen", "128", "--max-windows", "4", "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    row = f"| tiny-deepseek-v3 | wiki.test.raw | 4 x 128 | {result['kl']:.5f} | {100 * result['top1']:.2f}% | "
+    assert row + f"{result['ppl']:.3f} | - |" in (out / "README.md").read_text()
+    assert json.loads((out / "gsq_eval.json").read_text()) == [result]
+    assert (quantized / "README.md").read_text() == text  # (the copy's card took it, not the fixture's)
 
 
 def test_transformers_loads_exactly_our_codes(quantized):

@@ -1,0 +1,176 @@
+"""The model card (`README.md`) written into every output, as compressed models on the Hub ship one.
+
+Hub-style YAML front matter (base_model, tags, library_name, pipeline_tag, the source card's license), then
+what was done: method, bits per weight, what was quantized and what was kept, the calibration data, the
+perplexity measured while the run went on, the size on disk and the `vllm serve` command. `gsq.eval` adds
+its measurements to the results table between the RESULTS markers (`add_result`), so the folder can be
+uploaded as it is.
+"""
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = ("<!-- gsq.eval results: python -m gsq.eval --model THIS --reference SOURCE adds a row -->",
+           "<!-- end of gsq.eval results -->")
+HEADER = "| reference | data | windows x tokens | KL(reference \\|\\| this) | top-1 agreement | perplexity | tasks |"
+
+
+def source_card(src: Path) -> dict:
+    """The front matter of the source's own card (its license, its base model), {} when it has none."""
+    import yaml
+
+    card = src / "README.md"
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    match = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else {}
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_model(src: Path) -> str:
+    """The source's Hub id where its path says it (the Hub cache's `models--ORG--NAME/snapshots/REV`), else its
+    folder's name."""
+    for part in reversed(src.resolve().parts):
+        hub = re.fullmatch(r"models--([^/]+?)--(.+)", part)
+        if hub:
+            return f"{hub.group(1)}/{hub.group(2)}"
+    return src.resolve().name
+
+
+def front_matter(src: Path, tags: list) -> str:
+    import yaml
+
+    meta = source_card(src)
+    out = {"base_model": base_model(src), "tags": tags, "library_name": "transformers",
+           "pipeline_tag": "text-generation"}
+    for key in ("license", "license_name", "license_link"):
+        if key in meta:
+            out[key] = meta[key]
+    return "---\n" + yaml.safe_dump(out, sort_keys=False) + "---\n"
+
+
+def size(path: Path) -> str:
+    total = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.2f} MiB"
+
+
+def serve_line(out: Path, config: dict, tp: list) -> str:
+    flags = f" --tensor-parallel-size {max(t for t in tp if t <= 8)}" if tp and max(tp) > 1 else ""
+    trust = " --trust-remote-code" if "auto_map" in config else ""
+    return f"vllm serve {out.resolve().name}{flags}{trust}"
+
+
+def quantized_card(src: Path, out: Path, config: dict, cfg, record: dict, tp: list, shards: Path) -> str:
+    """The card of a gsq.quantize output, whose shards are still in `shards` (OUT.partial)."""
+    bpw = cfg.bits + 16 / cfg.group_size
+    stored = cfg.container + 16 / cfg.group_size
+    steps = "\n".join(f"| {p['layers_quantized']} | {p['ppl']:.3f} |" for p in record.get("ppl", []))
+    if "ppl" in record.get("finetune", {}):
+        steps += f"\n| all + scale fine-tune | {record['finetune']['ppl']:.3f} |"
+    method = {"gsq": "GSQ (Gumbel-Softmax quantization, arXiv 2604.18556), GPTQ-initialised",
+              "gptq": "GPTQ", "rtn": "round-to-nearest"}[cfg.method]
+    tpl = ", ".join(map(str, tp)) or "none (expert parallelism only)"
+    return f"""{front_matter(src, ["gsq", "compressed-tensors", f"{cfg.bits}-bit", "mixture-of-experts"])}
+# {out.resolve().name}
+
+{src.resolve().name} with every routed expert's gate, up and down projection quantized to {cfg.bits} bits by
+{method}, written by gsq as a compressed-tensors `pack-quantized` checkpoint.
+
+| | |
+|---|---|
+| quantized | the routed experts of {len([layer for layer in record['layers'] if layer.get('moe')])} MoE layers: \
+levels {{-2,-1,0,1}} x a signed scale per {cfg.group_size} inputs ({bpw:.3f} bits per weight, stored in \
+{cfg.container}-bit words: {stored:.3f}) |
+| kept as the source stores them | attention, routers, shared experts, dense layers, embeddings, LM head |
+| calibration | {record.get('calibration', f"{cfg.num_samples} x {cfg.seqlen} tokens of {cfg.dataset}")} |
+| GSQ settings | {cfg.epochs:g} epochs, batch {cfg.batch_size}, token weights {cfg.token_weights}, \
+scale fine-tune {cfg.finetune_scales if cfg.method == 'gsq' else 0} steps (all settings: `gsq_config.json`) |
+| size on disk | {size(shards)} (source: {size(src)}) |
+| run | {record.get('seconds', 0):.0f} s (per layer: `gsq_run.json`) |
+
+## Perplexity while the run went on
+
+WikiText-2 test windows, the first N layers quantized and the rest original (`gsq_run.json`):
+
+| layers quantized | perplexity |
+|---|---:|
+{steps or "| (no perplexity watch in this run) | |"}
+
+## Results
+
+{RESULTS[0]}
+{HEADER}
+|---|---|---|---:|---:|---:|---|
+{RESULTS[1]}
+
+## Serve
+
+```bash
+{serve_line(out, config, tp)}
+```
+
+vLLM 0.33 loads it at tensor-parallel sizes {tpl} (each rank's share of the expert width must be a multiple of
+{cfg.group_size}); expert parallelism (`--enable-expert-parallel`) does not split the experts. The
+{cfg.container}-bit container is served by {"vLLM's Humming MoE kernels (its humming-kernels dependency)"
+if cfg.container == 2 else "Humming on Hopper, Marlin elsewhere"}. transformers loads it too (dequantized,
+with compressed-tensors installed).
+"""
+
+
+def pruned_card(src: Path, out: Path, config: dict, record: dict, shards: Path) -> str:
+    """The card of a gsq.prune output, whose shards are still in `shards` (OUT.partial)."""
+    cfg = record["config"]
+    return f"""{front_matter(src, ["gsq", "reap", "pruned", "mixture-of-experts"])}
+# {out.resolve().name}
+
+{src.resolve().name} with the routed experts of every MoE layer pruned from {record['experts']} to {record['keep']}
+by {record['criterion'].upper() if record['criterion'] == 'reap' else record['criterion']} \
+(REAP: arXiv 2510.13999), written by gsq. Kept experts are renumbered and the routers sliced; every other
+tensor is the source's, in its own format.
+
+| | |
+|---|---|
+| calibration | {record['calibration']} |
+| experts kept per layer | `gsq_prune.json` (with every expert's saliency) |
+| size on disk | {size(shards)} (source: {size(src)}) |
+
+## Results
+
+{RESULTS[0]}
+{HEADER}
+|---|---|---|---:|---:|---:|---|
+{RESULTS[1]}
+
+## Serve
+
+```bash
+{serve_line(out, config, [])}
+```
+"""
+
+
+def add_result(model: Path, result: dict, data: str) -> bool:
+    """Add `result` (gsq.eval's JSON) to the results table of the card in `model`, written by gsq; False when
+    the model has no such card (an original model's own card is never touched)."""
+    card = Path(model) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    if RESULTS[0] not in text or RESULTS[1] not in text:
+        return False
+    tasks = "; ".join(f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                      for task, metrics in result.get("tasks", {}).items())
+    cells = [Path(result["reference"]).name if result.get("reference") else "-", Path(data).name if data else "-",
+             f"{result['windows']} x {result['seqlen']}" if "windows" in result else "-",
+             f"{result['kl']:.5f}" if "kl" in result else "-", f"{100 * result['top1']:.2f}%" if "top1" in result
+             else "-", f"{result['ppl']:.3f}" if "ppl" in result else "-", tasks or "-"]
+    row = "| " + " | ".join(cells) + " |\n"
+    card.write_text(text.replace(RESULTS[1], row + RESULTS[1]))
+    (Path(model) / "gsq_eval.json").write_text(json.dumps([*previous(model), result], indent=2) + "\n")
+    return True
+
+
+def previous(model: Path) -> list:
+    path = Path(model) / "gsq_eval.json"
+    return json.loads(path.read_text()) if path.is_file() else []
