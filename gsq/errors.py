@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import os
 import shlex
 import signal
 import sys
@@ -39,6 +40,19 @@ class Stopped(Exception):
 
 def _stop(signum, frame):
     raise Stopped(signum)
+
+
+def quiet_start(name: str):
+    """Called by a CLI module before its heavy imports (torch takes seconds): when it is the program
+    (`name == "__main__"`), Ctrl-C or SIGTERM until `run_cli` takes over exits at once in one line; nothing
+    was written yet."""
+    def leave(signum, frame):
+        print(f"error: stopped by {signal.Signals(signum).name}: nothing was written", file=sys.stderr)
+        os._exit(128 + signum)
+
+    if name == "__main__":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, leave)
 
 
 def resume_hint(argv) -> str:

@@ -18,9 +18,12 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from gsq.errors import quiet_start
+
+quiet_start(__name__)  # before the imports below take seconds
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from gsq.errors import ArgumentParser, InputError, run_cli
 

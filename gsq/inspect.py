@@ -12,8 +12,11 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from gsq.errors import quiet_start
+
+quiet_start(__name__)  # before the imports below take seconds
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from gsq.errors import ArgumentParser, InputError, run_cli
 

@@ -23,8 +23,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from gsq.errors import quiet_start
+
+quiet_start(__name__)  # before the imports below take seconds
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from gsq import acts, adapter, calib, card, export, partial, stream, walk
 from gsq.config import PRUNE_FLAGS, Config, build_parser, derive_seed, from_args

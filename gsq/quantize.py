@@ -4,11 +4,13 @@ experts into a compressed-tensors `pack-quantized` checkpoint. Every flag is a f
 config.json alone) and writes nothing.
 """
 
-from gsq import plan
-from gsq.config import QUANTIZE_FLAGS, build_parser, from_args
-from gsq.errors import InputError, run_cli
-from gsq.pipeline import run
-from gsq.walk import map_large_host_buffers
+from gsq.errors import InputError, quiet_start, run_cli
+
+quiet_start(__name__)  # before the imports below take seconds
+from gsq import plan  # noqa: E402
+from gsq.config import QUANTIZE_FLAGS, build_parser, from_args  # noqa: E402
+from gsq.pipeline import run  # noqa: E402
+from gsq.walk import map_large_host_buffers  # noqa: E402
 
 
 def main(argv=None):
