@@ -28,7 +28,7 @@ KEEP ?= 4
 PRUNED ?= out/$(NAME)-reap$(KEEP)
 PRUNE_ARGS ?=
 
-.PHONY: install test-latest lock quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
+.PHONY: install test-latest lock gpu-wheels quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
 
 # The locked versions: the same `pip freeze` on every fresh machine. On a GPU machine install your CUDA torch
 # into the venv first and skip $(TORCH_LOCK): `make install TORCH_LOCK=`.
@@ -57,6 +57,24 @@ lock:
 	  $(LATEST)/bin/python -m pip freeze --all | grep -E $(TORCH_PART) | sed 's/+cpu$$//'; } > $(TORCH_LOCK)
 	{ echo "# Every other package as CI tested it (pip constraints, Python 3.11). Written by make lock."; \
 	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -vE $(TORCH_PART); } > $(LOCK)
+
+# What a bare CUDA image (Python 3.12, torch 2.11, triton 3.6, transformers 5.17, no network; its package list:
+# the device tool's KINDS.md) lacks for gsq, at the locked versions, as CPython 3.12 manylinux x86-64 wheels in
+# $(WHEELS), with the local WikiText-2 files gsq's checks read. There: pip install --no-index --no-deps --target
+# /tmp/site $(WHEELS)/*.whl, then PYTHONPATH=/tmp/site:. (README, "On a GPU machine").
+WHEELS ?= .whl
+GPU_WHEELS := transformers huggingface-hub hf-xet httpx2 httpcore2 truststore anyio h11 idna click regex kernels \
+	tomlkit compressed-tensors loguru pydantic pydantic-core annotated-types typing-inspection typing-extensions
+PLATFORMS := $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)/data
+	for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -iE "^$$(echo $$name | sed 's/[-_]/[-_]/g')==" $(LOCK)) || { echo "error: $$name is not in $(LOCK)"; exit 2; }; \
+	  $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    $(PLATFORMS) -d $(WHEELS) "$$pin" || exit 1; done
+	cp $(DATA)/wikitext-2/wiki.valid.tokens $(DATA)/wikitext-2-raw/wiki.test.raw $(WHEELS)/data/
+	@size=$$(du -sm $(WHEELS) | cut -f1); ls $(WHEELS) | sed 's/^/  /'; echo "$(WHEELS): $$size MiB"; \
+	  if [ $$size -gt 48 ]; then echo "error: $(WHEELS) is $$size MiB, over the 48 MiB a device call can carry"; exit 1; fi
 
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
 # NPROC=N: N processes under torchrun, the experts of each layer split across them.
