@@ -4,7 +4,8 @@ Hub-style YAML front matter (base_model, tags, library_name, pipeline_tag, the s
 what was done: method, bits per weight, what was quantized and what was kept, the calibration data, the
 perplexity measured while the run went on, the size on disk and the `vllm serve` command. `gsq.eval` adds
 its measurements to the results table between the RESULTS markers (`add_result`), so the folder can be
-uploaded as it is.
+uploaded as it is. The card holds nothing of where or how long the run went, so a resumed run writes the
+same bytes as one that was not interrupted.
 """
 
 import json
@@ -57,13 +58,13 @@ def size(path: Path) -> str:
     return f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.2f} MiB"
 
 
-def serve_line(out: Path, config: dict, tp: list) -> str:
+def serve_line(config: dict, tp: list) -> str:
     flags = f" --tensor-parallel-size {max(t for t in tp if t <= 8)}" if tp and max(tp) > 1 else ""
     trust = " --trust-remote-code" if "auto_map" in config else ""
-    return f"vllm serve {out.resolve().name}{flags}{trust}"
+    return f"vllm serve /path/to/this/folder{flags}{trust}"
 
 
-def quantized_card(src: Path, out: Path, config: dict, cfg, record: dict, tp: list, shards: Path) -> str:
+def quantized_card(src: Path, config: dict, cfg, record: dict, tp: list, shards: Path) -> str:
     """The card of a gsq.quantize output, whose shards are still in `shards` (OUT.partial)."""
     bpw = cfg.bits + 16 / cfg.group_size
     stored = cfg.container + 16 / cfg.group_size
@@ -74,7 +75,7 @@ def quantized_card(src: Path, out: Path, config: dict, cfg, record: dict, tp: li
               "gptq": "GPTQ", "rtn": "round-to-nearest"}[cfg.method]
     tpl = ", ".join(map(str, tp)) or "none (expert parallelism only)"
     return f"""{front_matter(src, ["gsq", "compressed-tensors", f"{cfg.bits}-bit", "mixture-of-experts"])}
-# {out.resolve().name}
+# {src.resolve().name}, routed experts at {cfg.bits} bits (gsq)
 
 {src.resolve().name} with every routed expert's gate, up and down projection quantized to {cfg.bits} bits by
 {method}, written by gsq as a compressed-tensors `pack-quantized` checkpoint.
@@ -89,7 +90,7 @@ levels {{-2,-1,0,1}} x a signed scale per {cfg.group_size} inputs ({bpw:.3f} bit
 | GSQ settings | {cfg.epochs:g} epochs, batch {cfg.batch_size}, token weights {cfg.token_weights}, \
 scale fine-tune {cfg.finetune_scales if cfg.method == 'gsq' else 0} steps (all settings: `gsq_config.json`) |
 | size on disk | {size(shards)} (source: {size(src)}) |
-| run | {record.get('seconds', 0):.0f} s (per layer: `gsq_run.json`) |
+| the run | per layer: tokens per expert, errors, time, memory in `gsq_run.json` |
 
 ## Perplexity while the run went on
 
@@ -109,7 +110,7 @@ WikiText-2 test windows, the first N layers quantized and the rest original (`gs
 ## Serve
 
 ```bash
-{serve_line(out, config, tp)}
+{serve_line(config, tp)}
 ```
 
 vLLM 0.33 loads it at tensor-parallel sizes {tpl} (each rank's share of the expert width must be a multiple of
@@ -120,11 +121,11 @@ with compressed-tensors installed).
 """
 
 
-def pruned_card(src: Path, out: Path, config: dict, record: dict, shards: Path) -> str:
+def pruned_card(src: Path, config: dict, record: dict, shards: Path) -> str:
     """The card of a gsq.prune output, whose shards are still in `shards` (OUT.partial)."""
     cfg = record["config"]
     return f"""{front_matter(src, ["gsq", "reap", "pruned", "mixture-of-experts"])}
-# {out.resolve().name}
+# {src.resolve().name}, REAP-pruned to {record['keep']} experts per layer (gsq)
 
 {src.resolve().name} with the routed experts of every MoE layer pruned from {record['experts']} to {record['keep']}
 by {record['criterion'].upper() if record['criterion'] == 'reap' else record['criterion']} \
@@ -147,7 +148,7 @@ tensor is the source's, in its own format.
 ## Serve
 
 ```bash
-{serve_line(out, config, [])}
+{serve_line(config, [])}
 ```
 """
 

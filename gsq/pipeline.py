@@ -203,7 +203,7 @@ def run(cfg: Config) -> dict:
     tp = tensor_parallel_sizes(hidden, {inter}, model.config.num_attention_heads, cfg.group_size)
     export.finish(source.path, partial_dir, out, config, {
         "gsq_config.json": cfg.to_json(), "gsq_run.json": json.dumps(record, indent=2) + "\n",
-        "README.md": card.quantized_card(source.path, out, config, cfg, record, tp, partial_dir)})
+        "README.md": card.quantized_card(source.path, config, cfg, record, tp, partial_dir)})
     partial.release(out)
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
     dist.finish()

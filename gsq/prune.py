@@ -221,7 +221,7 @@ def run(cfg: Config) -> dict:
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json(PRUNE_FLAGS)))
     export.finish(source.path, partial_dir, Path(cfg.out), out_config, {
         "gsq_prune.json": json.dumps(record, indent=2) + "\n",
-        "README.md": card.pruned_card(source.path, Path(cfg.out), out_config, record, partial_dir)})
+        "README.md": card.pruned_card(source.path, out_config, record, partial_dir)})
     partial.release(Path(cfg.out))
     print(f"wrote {cfg.out}: {keep} of {E} routed experts per layer, in {record['seconds']:.0f}s")
     return record

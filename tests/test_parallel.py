@@ -44,7 +44,12 @@ def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep") / "one"
     proc = run("--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"digest": digest(out), "resident": resident(proc.stdout)}
+    return {"digest": digest(out, RECORDS), "resident": resident(proc.stdout)}
+
+
+# What a run measured: gsq_run.json, and the card's perplexity trajectory (each rank's windows pass the layers in
+# batches of another make-up, which may move a perplexity in its last bits); the checkpoint itself is compared whole.
+RECORDS = ("gsq_run.json", "README.md")
 
 
 def resident(stdout: str) -> dict:
@@ -60,7 +65,7 @@ def test_two_ranks_give_the_single_process_bytes(single, tmp_path):
     assert single["resident"] == {0: 16} and resident(proc.stdout) == {0: 8, 1: 8}  # each rank holds half
     record = json.loads((out / "gsq_run.json").read_text())
     assert {l["ranks"] for l in record["layers"] if l["moe"]} == {2}
-    assert digest(out) == single["digest"]
+    assert digest(out, RECORDS) == single["digest"]
 
 
 def test_parallel_run_resumes_after_kill(single, tmp_path):
@@ -77,7 +82,7 @@ def test_parallel_run_resumes_after_kill(single, tmp_path):
     resumed = run("--out", str(out), "--resume", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
-    assert digest(out) == single["digest"]
+    assert digest(out, RECORDS) == single["digest"]
 
 
 def test_assignment_balances_tokens():
@@ -97,4 +102,4 @@ def test_groups_and_placement_do_not_change_the_bytes(single, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layer inputs on disk, 3 experts per batch" in proc.stdout
     assert {l["groups"] for l in json.loads((out / "gsq_run.json").read_text())["layers"] if l["moe"]} == {3}
-    assert digest(out) == single["digest"]
+    assert digest(out, RECORDS) == single["digest"]

@@ -49,7 +49,7 @@ def test_the_card_describes_the_run_and_takes_the_eval_results(quantized, tmp_pa
     run = json.loads((out / "gsq_run.json").read_text())
     for point in run["ppl"]:  # the perplexity trajectory measured during the run
         assert f"| {point['layers_quantized']} | {point['ppl']:.3f} |" in text
-    assert f"vllm serve {quantized.name}\n" in text and "tensor-parallel sizes 1 " in text
+    assert "vllm serve /path/to/this/folder\n" in text and "tensor-parallel sizes 1 " in text
     proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(out), "--reference", str(TINY_MODEL),
                            "--data-file", str(WIKI_TEST), "--seqlen", "128", "--max-windows", "4", "--json"],
                           cwd=ROOT, capture_output=True, text=True)
