@@ -9,7 +9,9 @@ same bytes as one that was not interrupted.
 """
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 RESULTS = ("<!-- gsq.eval results: python -m gsq.eval --model THIS --reference SOURCE adds a row -->",
@@ -159,6 +161,9 @@ def add_result(model: Path, result: dict, data: str) -> bool:
     card = Path(model) / "README.md"
     text = card.read_text() if card.is_file() else ""
     if RESULTS[0] not in text or RESULTS[1] not in text:
+        return False
+    if not os.access(card, os.W_OK) or not os.access(model, os.W_OK):  # a read-only model store
+        print(f"{card} is read-only: the results are not added to it", file=sys.stderr)
         return False
     tasks = "; ".join(f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                       for task, metrics in result.get("tasks", {}).items())

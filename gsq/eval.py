@@ -242,6 +242,8 @@ def parse_args(argv=None):
     ap.add_argument("--tasks-limit", type=float, help="lm-eval examples per task (or fraction)")
     ap.add_argument("--skip-ppl", action="store_true", help="run only --tasks")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument("--no-card", action="store_true", help="leave the model's card (README.md written by gsq) as it "
+                    "is; by default the results are added to its table and to gsq_eval.json")
     args = ap.parse_args(argv)
     if args.seqlen < 2:
         ap.error("--seqlen must be at least 2")
@@ -272,7 +274,7 @@ def main(argv=None):
         result["tasks"] = run_tasks(model, tokenizer, tasks, args.tasks_include, args.tasks_limit, device=device)
     from gsq import card
 
-    if card.add_result(Path(args.model), result, args.data_file):
+    if not args.no_card and card.add_result(Path(args.model), result, args.data_file):
         print(f"added to the results of {Path(args.model) / 'README.md'}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, default=str))

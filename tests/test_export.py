@@ -94,7 +94,7 @@ def test_eval_of_the_export_matches_the_runs_own_perplexity(quantized):
     reads the exported directory through transformers (bf16): the same model, within bf16 noise."""
     watch = json.loads((quantized / "gsq_run.json").read_text())["ppl"]
     assert [w["layers_quantized"] for w in watch] == [0, 6, 7]
-    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(quantized), "--data-file",
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(quantized), "--no-card", "--data-file",
                            str(WIKI_TEST), "--seqlen", "128", "--max-windows", "4", "--json"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The end-to-end scale fine-tune: its gradient, and that it lowers the KL to the original model."""
 
+import json
 import shutil
 
 import torch
@@ -42,6 +43,10 @@ def test_finetune_lowers_the_kl_on_its_windows(quantized, tmp_path):
     stream.load_globals(ckpt, model, arch, device, compute)
     ids, _ = calibration.calibration_ids(load_tokenizer(TINY_MODEL), cfg.dataset, "text", 4, 64, 0)
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
+    index = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
+    for i in moe:  # the output's shards under the unit names the fine-tune reads (those of OUT.partial)
+        shard = root / index[arch.expert_key(i, 0, 0) + ".weight_packed"]
+        shard.rename(root / f"model-{finetune.unit(i)}-000.safetensors")
     layers = {i: finetune.read_layer(root, finetune.unit(i), arch, i, adapter.num_experts(model.model.layers[i]),
                                      cfg.container) for i in moe}
     scales = finetune.Scales(layers, device)
