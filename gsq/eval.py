@@ -18,14 +18,13 @@ import math
 import sys
 from pathlib import Path
 
-from gsq.errors import quiet_start
+from gsq.errors import ArgumentParser, InputError, quiet_start, run_cli
 
 quiet_start(__name__)  # before the imports below take seconds
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from gsq.errors import ArgumentParser, InputError, run_cli
 
 WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
 

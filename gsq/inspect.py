@@ -12,13 +12,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from gsq.errors import quiet_start
+from gsq.errors import ArgumentParser, InputError, quiet_start, run_cli
 
 quiet_start(__name__)  # before the imports below take seconds
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from gsq.errors import ArgumentParser, InputError, run_cli
 
 LAYER = re.compile(r".*layers\.(\d+)\.")
 

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from gsq.errors import quiet_start
+from gsq.errors import InputError, quiet_start, run_cli
 
 quiet_start(__name__)  # before the imports below take seconds
 import torch  # noqa: E402
@@ -31,7 +31,6 @@ from tqdm import tqdm  # noqa: E402
 
 from gsq import acts, adapter, calib, card, export, partial, stream, walk
 from gsq.config import PRUNE_FLAGS, Config, build_parser, derive_seed, from_args
-from gsq.errors import InputError, run_cli
 from gsq.eval import load_tokenizer, pick_device
 
 
