@@ -28,7 +28,7 @@ KEEP ?= 4
 PRUNED ?= out/$(NAME)-reap$(KEEP)
 PRUNE_ARGS ?=
 
-.PHONY: install test-latest lock gpu-wheels quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
+.PHONY: install test-latest lock gpu-wheels gpu-check quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
 
 # The locked versions: the same `pip freeze` on every fresh machine. On a GPU machine install your CUDA torch
 # into the venv first and skip $(TORCH_LOCK): `make install TORCH_LOCK=`.
@@ -75,6 +75,16 @@ gpu-wheels:
 	cp $(DATA)/wikitext-2/wiki.valid.tokens $(DATA)/wikitext-2-raw/wiki.test.raw $(WHEELS)/data/
 	@size=$$(du -sm $(WHEELS) | cut -f1); ls $(WHEELS) | sed 's/^/  /'; echo "$(WHEELS): $$size MiB"; \
 	  if [ $$size -gt 48 ]; then echo "error: $(WHEELS) is $$size MiB, over the 48 MiB a device call can carry"; exit 1; fi
+
+# Proof of a GPU machine in one call, under 8 minutes on one H200 (eval/gpu_check.py): environment, kernels at
+# Kimi-K2.5 shapes, the tiny model quantized and evaluated on the GPU, plan vs measured memory, one Kimi-K2.5 layer
+# share, a kill-and-resume byte check; a record and a summary in OUT= (default out/gpu-check). DEVICE=cpu: the same
+# parts at toy sizes. Uses .venv where there is one, else python3 (a bare CUDA image with $(WHEELS) installed).
+DEVICE ?= cuda
+CHECK_OUT := $(if $(filter command line environment,$(origin OUT)),$(OUT),out/gpu-check)
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) eval/gpu_check.py --device $(DEVICE) --out $(CHECK_OUT) \
+	  --data $(if $(wildcard $(DATA)),$(DATA),$(WHEELS)/data)
 
 # GSQ 2-bit quantization of MODEL's routed experts into OUT (compressed-tensors pack-quantized).
 # NPROC=N: N processes under torchrun, the experts of each layer split across them.

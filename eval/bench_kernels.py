@@ -6,7 +6,8 @@ At Kimi-K2.5 expert shapes (gate/up 2048 x 7168, down 7168 x 2048; group 128, 4 
 logits) it prints time per call, the kernel's speed-up over the eager reference, and the bytes the
 kernel must move divided by its time (GB/s), against the GPU's copy bandwidth measured in the same
 run (a device-to-device `copy_` of 1 GiB) and its data-sheet peak. Without CUDA it says so and, with
-TRITON_INTERPRET=1 and small `--shapes`, only checks that every path runs (no timing is meaningful).
+TRITON_INTERPRET=1 and small `--shapes`, only checks that every path runs (no timing is meaningful; a record
+is written only when `--out` asks for one, marked `"interpreter": true`).
 
 Bytes counted (per weight, 4 levels, bf16 logits, 2-bit codes): fake-quant forward reads 8 (logits)
 and writes 2 (soft weight); backward reads 8 + 2 (logits, upstream gradient) and writes 8
@@ -116,10 +117,11 @@ def main():
               f"{r['speedup']:>9.1f}x{r['kernel_GBps']:>8.0f}{of_copy:>8}{of_peak:>8}")
     if device == "cpu":
         print("(interpreter run: checks that every path runs; the times mean nothing)")
-        return
+        if not args.out:
+            return
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"device": name, "date": date.today().isoformat(), "commit": commit, "torch": torch.__version__,
-              "copy_GBps": measured_bw, "peak_GBps": peak, "results": results}
+              "interpreter": device == "cpu", "copy_GBps": measured_bw, "peak_GBps": peak, "results": results}
     out = Path(args.out or f"eval/results/bench-kernels-{name.replace(' ', '_')}-{date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

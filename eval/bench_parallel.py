@@ -28,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 from local_data import ROOT, TINY, tiny_flags
 KIMI = dict(hidden=7168, inter=2048, experts=384, moe_layers=60, top_k=8)
+BATCHES = 3  # --gpu: distinct minibatches the steps cycle through
 
 
 def quantize_run(model: str, ranks: int, threads: int | None, work: Path) -> dict:
@@ -113,7 +115,8 @@ def gpu(args) -> dict:
     H, I = (int(v) for v in args.shape.split("x"))
     experts, per_rank, tokens = KIMI["experts"], KIMI["experts"] // 8, cfg.batch_size * cfg.seqlen
     if not cuda:  # a check that the path runs, at a size a CPU does in seconds
-        tokens //= 256
+        cfg = replace(cfg, seqlen=cfg.seqlen // 256)
+        tokens = cfg.batch_size * cfg.seqlen
     gen = torch.Generator(device=device).manual_seed(0)
     weights = tuple((0.02 * torch.randn(E, *shape, device=device, generator=gen)).to(dtype)
                     for shape in ((I, H), (I, H), (H, I)))
@@ -127,13 +130,14 @@ def gpu(args) -> dict:
                                               generator=torch.Generator().manual_seed(t)), minlength=experts)
         return [torch.randn(int(n), H, device=device, generator=gen).to(dtype) for n in counts[:E]]
 
-    batches = [minibatch(t) for t in range(args.steps + 2)]
+    batches = [minibatch(t) for t in range(BATCHES)]  # distinct routings, reused in turn (memory: BATCHES of them)
+    held = sum(x.numel() * x.element_size() for b in batches for x in b)
     for t in range(2):  # warm-up: kernels compiled, allocator primed
-        step(module, opt, batches[t], weights, t, args.steps, cfg, dtype)
+        step(module, opt, batches[t % BATCHES], weights, t, args.steps, cfg, dtype)
     sync()
     t0 = time.perf_counter()
     for t in range(2, args.steps + 2):
-        step(module, opt, batches[t], weights, t, args.steps + 2, cfg, dtype)
+        step(module, opt, batches[t % BATCHES], weights, t, args.steps + 2, cfg, dtype)
     sync()
     per_step = (time.perf_counter() - t0) / args.steps
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * cfg.num_samples / cfg.batch_size))
@@ -144,10 +148,29 @@ def gpu(args) -> dict:
     print(f"{name}: {per_step:.3f} s per step of {E} experts ({tokens} tokens x top-{KIMI['top_k']} per minibatch); "
           f"a layer: {steps} steps x {groups} groups = {layer_s:.0f} s; Kimi-K2.5 GSQ on 8 such GPUs: {hours:.1f} h "
           f"(the paper: 24 h on 8xH200, everything included)")
+    planned = planned_training(H, I, E, cfg, cuda)
+    measured = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:  # the plan's figure for this group next to what the steps took (they also hold the batches)
+        print(f"memory: the plan's GSQ-training item for {E} experts {planned / 1e9:.1f} GB (the group's weights, "
+              f"logits, optimizer state, one step's tokens), plus the {BATCHES} minibatches this benchmark keeps "
+              f"{held / 1e9:.1f} GB; measured peak {measured / 1e9:.1f} GB")
     return {"device": name, "shape": args.shape, "experts_per_batch": E, "experts_per_rank": per_rank,
             "tokens_per_minibatch": tokens, "seconds_per_step": per_step, "steps_per_layer": steps,
             "groups": groups, "seconds_per_layer": round(layer_s, 1), "kimi_gsq_hours_8_gpus": round(hours, 2),
-            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None}
+            "plan_training_bytes": planned, "batches_bytes": held,
+            "peak_gpu_bytes": measured}
+
+
+def planned_training(H: int, I: int, E: int, cfg, gpu: bool) -> int:
+    """The memory plan's 'GSQ training' item for a group of E experts of a Kimi-K2.5-shaped layer (one rank of 8)."""
+    from gsq import plan
+
+    dims = dict(model_type="kimi_k25", layers=KIMI["moe_layers"] + 1, moe_layers=KIMI["moe_layers"],
+                experts=KIMI["experts"], top_k=KIMI["top_k"], hidden=H, inter=I, vocab=0, layer_params=0, params=0,
+                global_params=0)
+    setup = plan.Setup(dims, 8, 8, 2**40 if gpu else None, 2**40, 2)
+    items = plan.figures(setup, cfg, E, "host")
+    return next(sizes[0 if gpu else 1] for name, sizes in items.items() if name.startswith("GSQ training"))
 
 
 def main():
