@@ -119,7 +119,11 @@ def main():
         print("(interpreter run: checks that every path runs; the times mean nothing)")
         if not args.out:
             return
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = os.environ.get("GSQ_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                                text=True).stdout.strip()
+    except OSError:  # a machine without git
+        commit = ""
     record = {"device": name, "date": date.today().isoformat(), "commit": commit, "torch": torch.__version__,
               "interpreter": device == "cpu", "copy_GBps": measured_bw, "peak_GBps": peak, "results": results}
     out = Path(args.out or f"eval/results/bench-kernels-{name.replace(' ', '_')}-{date.today()}.json")

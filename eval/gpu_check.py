@@ -275,8 +275,14 @@ def digest(directory: Path) -> dict:
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return os.environ.get("GSQ_COMMIT") or (head.stdout.strip() if head.returncode == 0 else "unknown")
+    """The checkout's commit: GSQ_COMMIT where the copy has no git history (a device machine's), else git's."""
+    if os.environ.get("GSQ_COMMIT"):
+        return os.environ["GSQ_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git
+        return "unknown"
+    return head.stdout.strip() if head.returncode == 0 else "unknown"
 
 
 def main():
