@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gsq import dist
+from gsq.errors import writing
 
 BLOCK = 4  # windows per block
 
@@ -78,7 +79,8 @@ class Activations:
 
     def put(self, b: int, h: torch.Tensor):
         if self.placement == "disk":
-            save_file({"h": h.to("cpu", self.dtype).contiguous()}, self.dst / self._file(b))
+            with writing(self.dst / self._file(b), h.numel() * self.dtype.itemsize):
+                save_file({"h": h.to("cpu", self.dtype).contiguous()}, self.dst / self._file(b))
             self.fresh.add(b)
         else:
             self.memory[b] = h.to(self.device if self.placement == "device" else "cpu", self.dtype)
@@ -89,7 +91,8 @@ class Activations:
         if self.placement != "disk":
             tmp.mkdir(parents=True, exist_ok=True)
             for b in self.blocks:
-                save_file({"h": self.memory[b].to("cpu").contiguous()}, tmp / self._file(b))
+                with writing(tmp / self._file(b), self.memory[b].numel() * self.memory[b].element_size()):
+                    save_file({"h": self.memory[b].to("cpu").contiguous()}, tmp / self._file(b))
         self.src, self.dst, self.fresh = self.work / f"acts-{layer}", None, set()
 
     def load(self, layer: int):

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from gsq.errors import write_text
+
 RESULTS = ("<!-- gsq.eval results: python -m gsq.eval --model THIS --reference SOURCE adds a row -->",
            "<!-- end of gsq.eval results -->")
 HEADER = "| reference | data | windows x tokens | KL(reference \\|\\| this) | top-1 agreement | perplexity | tasks |"
@@ -172,8 +174,8 @@ def add_result(model: Path, result: dict, data: str) -> bool:
              f"{result['kl']:.5f}" if "kl" in result else "-", f"{100 * result['top1']:.2f}%" if "top1" in result
              else "-", f"{result['ppl']:.3f}" if "ppl" in result else "-", tasks or "-"]
     row = "| " + " | ".join(cells) + " |\n"
-    card.write_text(text.replace(RESULTS[1], row + RESULTS[1]))
-    (Path(model) / "gsq_eval.json").write_text(json.dumps([*previous(model), result], indent=2) + "\n")
+    write_text(card, text.replace(RESULTS[1], row + RESULTS[1]))
+    write_text(Path(model) / "gsq_eval.json", json.dumps([*previous(model), result], indent=2) + "\n")
     return True
 
 

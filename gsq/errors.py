@@ -4,8 +4,10 @@ import argparse
 import errno
 import os
 import shlex
+import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,12 +23,65 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def disk_full(exc: BaseException) -> bool:
-    """No space (or quota) left, as an OSError or as safetensors' own error, which carries the OS code."""
+# A write that failed for want of room: no space, a quota, or the largest file this process may write (ulimit -f).
+ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+        errno.EFBIG: "the file is over the largest this process may write (ulimit -f)"}
+
+
+def out_of_room(exc: BaseException) -> int | None:
+    """The errno of ROOM that `exc` carries (an OSError, or safetensors' own error, which names the OS code), or None."""
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return type(exc).__name__ == "SafetensorError" and any(
-        f"(os error {code})" in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
+        return exc.errno if exc.errno in ROOM else None
+    if type(exc).__name__ == "SafetensorError":
+        return next((code for code in ROOM if f"(os error {code})" in str(exc)), None)
+    return None
+
+
+def size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+class WriteFailed(Exception):
+    """A file gsq was writing did not fit (`writing`): said in one line with the file, its size and the room left;
+    the exit status is the errno."""
+
+    def __init__(self, path: Path, nbytes: int, code: int):
+        self.code = code
+        try:
+            free = f"{size(shutil.disk_usage(path.parent).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        need = f"free at least {size(nbytes)}" if code != errno.EFBIG else "raise the limit (ulimit -f unlimited)"
+        super().__init__(f"{ROOM[code]} while writing {path} ({size(nbytes)}; {free}): {need}")
+
+
+@contextmanager
+def writing(path: Path, nbytes: int):
+    """Around the write of one file of about `nbytes`: when it does not fit, what was written of it goes (it frees
+    the room; every file gsq writes is renamed into place whole, or rewritten by a resume) and WriteFailed says so."""
+    try:
+        yield
+    except Exception as exc:
+        code = out_of_room(exc)
+        if code is None:
+            raise
+        Path(path).unlink(missing_ok=True)
+        raise WriteFailed(Path(path), nbytes, code) from exc
+
+
+def tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_text(path: Path, text: str):
+    """`path` written whole or not at all (a temporary beside it, renamed), a full disk said as WriteFailed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with writing(tmp, len(text.encode())):
+        tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Stopped(Exception):
@@ -69,9 +124,10 @@ def resume_hint(argv) -> str:
 
 
 def run_cli(main, argv=None) -> None:
-    """Run a CLI entry point: an InputError becomes `error: ...` on stderr and exit status 2; a full
-    disk exit status 3, with what to do (the run's partial output stays resumable); Ctrl-C and SIGTERM
-    one line saying how to continue, exit status 130 and 143."""
+    """Run a CLI entry point: an InputError becomes `error: ...` on stderr and exit status 2; a write that did not
+    fit (a full disk, a quota, ulimit -f) one line naming the file, its size, the room left and the command that
+    continues, exit status the errno (28, 122, 27); Ctrl-C and SIGTERM one line saying how to continue, exit
+    status 130 and 143."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop)
     try:
@@ -88,9 +144,12 @@ def run_cli(main, argv=None) -> None:
             bar.close()
         print(f"\nerror: stopped by {exc.signum.name}: {resume_hint(argv)}", file=sys.stderr)
         sys.exit(128 + exc.signum)
-    except Exception as exc:
-        if not disk_full(exc):
+    except WriteFailed as exc:
+        print(f"error: {exc}; {resume_hint(argv)}", file=sys.stderr)
+        sys.exit(exc.code)
+    except Exception as exc:  # a write not made through `writing` (a copy, a rename)
+        code = out_of_room(exc)
+        if code is None:
             raise
-        print(f"error: no space left on the device while writing ({str(exc).splitlines()[0]}): free space, then "
-              "rerun the same command with --resume", file=sys.stderr)
-        sys.exit(3)
+        print(f"error: {ROOM[code]} while writing ({str(exc).splitlines()[0]}): {resume_hint(argv)}", file=sys.stderr)
+        sys.exit(code)

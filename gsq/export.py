@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gsq import partial
+from gsq.errors import tensor_bytes, write_text, writing
 from gsq.gptq import Grid
 from gsq.kernels.pack import pack, unpack
 
@@ -86,7 +88,8 @@ def write_unit(partial_dir: Path, unit: str, tensors: dict, max_bytes: int):
     for n, part in enumerate(parts):
         path = partial_dir / f"model-{unit}-{n:03d}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file(part, tmp, metadata={"format": "pt"})
+        with writing(tmp, tensor_bytes(part)):
+            save_file(part, tmp, metadata={"format": "pt"})
         readable(tmp)
         os.replace(tmp, path)
 
@@ -166,23 +169,28 @@ def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: i
 def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict):
     """The shards renamed as users and tools expect them (`model-00001-of-000NN.safetensors`, in unit order;
     the resume design keeps its own names until here), their index, `config` as config.json, tokenizer and
-    friends, `records` (file name -> text); then the atomic rename of `partial_dir` to `out`."""
+    friends, `records` (file name -> text); then the atomic rename of `partial_dir` to `out`. Every file is
+    written while the resume point stands (a full disk here resumes at this step); then it goes, and the renames
+    are all that is left."""
     units = sorted(partial_dir.glob("model-*.safetensors"))
+    names = {unit: f"model-{n:05d}-of-{len(units):05d}.safetensors" for n, unit in enumerate(units, 1)}
     weight_map = {}
-    for n, unit in enumerate(units, 1):
-        shard = unit.with_name(f"model-{n:05d}-of-{len(units):05d}.safetensors")
-        os.replace(unit, shard)
-        with safe_open(shard, "pt") as f:
-            weight_map.update({k: shard.name for k in f.keys()})
-    total = sum((partial_dir / f).stat().st_size for f in set(weight_map.values()))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (partial_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (partial_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for unit, name in names.items():
+        with safe_open(unit, "pt") as f:
+            weight_map.update({k: name for k in f.keys()})
+    index = {"metadata": {"total_size": sum(unit.stat().st_size for unit in units)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_text(partial_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_text(partial_dir / "config.json", json.dumps(config, indent=2) + "\n")
     for f in sorted(src.iterdir()):
         if f.is_file() and COPIED_FILES.match(f.name):
-            shutil.copyfile(f, partial_dir / f.name)  # the mode of a new file, as every other file here
+            with writing(partial_dir / f.name, f.stat().st_size):
+                shutil.copyfile(f, partial_dir / f.name)  # the mode of a new file, as every other file here
     for name, text in records.items():
-        (partial_dir / name).write_text(text)
+        write_text(partial_dir / name, text)
+    partial.finish_work(partial_dir)
+    for unit, name in names.items():
+        os.replace(unit, partial_dir / name)
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial_dir, out)

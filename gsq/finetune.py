@@ -29,6 +29,7 @@ from tqdm import tqdm
 from gsq import adapter, dist, export, partial, stream
 from gsq.acts import BLOCK
 from gsq.config import derive_seed
+from gsq.errors import tensor_bytes, write_text, writing
 from gsq.experts import minibatches
 from gsq.export import packed
 from gsq.kernels.pack import unpack
@@ -179,9 +180,10 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, comp
                   "kl": history[:: max(1, len(history) // 20)]}
         if dist.is_writer():
             tmp = done.with_suffix(".tmp")
-            save_file({f"{i}.{p}": s.detach().to("cpu", dtype).contiguous()
-                       for i in moe for p, s in zip(("gate_up", "down"), scales.scales(i))}, tmp,
-                      metadata={"record": json.dumps(record)})
+            tensors = {f"{i}.{p}": s.detach().to("cpu", dtype).contiguous()
+                       for i in moe for p, s in zip(("gate_up", "down"), scales.scales(i))}
+            with writing(tmp, tensor_bytes(tensors)):
+                save_file(tensors, tmp, metadata={"record": json.dumps(record)})
             os.replace(tmp, done)
         dist.barrier()
     saved = dist.on_writer(lambda: (load_file(done), safe_open(done, "pt").metadata()["record"]))
@@ -206,9 +208,7 @@ def stage(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> t
                 export.write_unit(partial_dir, unit(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
                                   cfg.max_shard_bytes)
                 done.append(i)
-                tmp = listed.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done))
-                os.replace(tmp, listed)
+                write_text(listed, json.dumps(done))
             for old in partial_dir.glob(f"model-{export.unit_name(i)}-*.safetensors"):
                 old.unlink()
         print(f"scale fine-tune: {record['steps']} steps, KL per token {record['kl_first']:.4f} -> {record['kl_last']:.4f}")

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from gsq import __version__, acts
-from gsq.errors import InputError
+from gsq.errors import InputError, write_text
 
 LOCK = ".lock"
 WORK = ".gsq-work"
@@ -175,8 +175,7 @@ def save_state(partial_dir: Path, next_layer: int, record: dict, run: dict):
     """The resume point before `next_layer` (its activations are committed already, gsq.acts), written whole
     and renamed into place; then the older activations are removed."""
     work = partial_dir / WORK
-    (work / "state.tmp").write_text(json.dumps({"next_layer": next_layer, "record": record, "run": run}))
-    os.replace(work / "state.tmp", work / "state.json")
+    write_text(work / "state.json", json.dumps({"next_layer": next_layer, "record": record, "run": run}))
     acts.drop_old(work, next_layer)
 
 

@@ -193,7 +193,6 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     export.write_unit(partial_dir, "rest", source.ckpt.stored(export.rest_keys(source.ckpt, arch, source.n_layers)),
                       cfg.max_shard_bytes)
-    partial.finish_work(partial_dir)
     config = json.loads((source.path / "config.json").read_text())
     config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
     config["quantization_config"] = export.output_quantization(source.ckpt, arch, source.n_layers, cfg.container,

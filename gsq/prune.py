@@ -216,7 +216,6 @@ def run(cfg: Config) -> dict:
         target["num_nextn_predict_layers"] = 0
     rest = sorted(k for k in source.ckpt.files if layer_index(arch, k) is None)
     export.write_unit(partial_dir, "rest", source.ckpt.raw(rest), cfg.max_shard_bytes)
-    partial.finish_work(partial_dir)
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json(PRUNE_FLAGS)))
     export.finish(source.path, partial_dir, Path(cfg.out), out_config, {
         "gsq_prune.json": json.dumps(record, indent=2) + "\n",

@@ -139,15 +139,71 @@ def test_kill_during_a_write_then_resume(n, quantized, tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / ".gsq-work").exists()
 
 
-@pytest.mark.parametrize("n", [shard_write(2), REST], ids=["layer-2-shard", "rest"])
-def test_disk_full_is_clear_and_resumable(n, quantized, tmp_path):
+FULL = {  # a full disk at each kind of file a run writes: (fault, N, the file named)
+    "layer-2-shard": ("full", shard_write(2), "q.partial/model-layer00002-000.tmp"),
+    "fine-tuned-scales": ("full", FINETUNED, "q.partial/.gsq-work/finetuned.tmp"),
+    "rest": ("full", REST, "q.partial/model-rest-000.tmp"),
+    "resume-point-0": ("full-text", 1, "q.partial/.gsq-work/state.json.tmp"),
+    "index": ("full-text", 15, "q.partial/model.safetensors.index.json.tmp"),
+}
+
+
+@pytest.mark.parametrize("row", FULL)
+def test_disk_full_is_one_line_and_resumable(row, quantized, tmp_path):
+    """One line: the file, its size, the room left, the command that continues; exit 28 (ENOSPC). The resume
+    gives the same bytes."""
+    kind, n, name = FULL[row]
     out = tmp_path / "q"
-    proc = faulty("full", n, out)
-    one_error_line(proc, "no space left on the device", "--resume", code=3, alone=False)
-    assert not out.exists()
+    proc = faulty(kind, n, out)
+    one_error_line(proc, f"no space left on the device while writing {tmp_path / name} (", "free there): free "
+                   "at least", f"continue with: python -m gsq.quantize --model {TINY_MODEL} --out {out}", "--resume",
+                   code=28, alone=False)
+    assert not out.exists() and not (tmp_path / name).exists()  # the half-written file went
     resumed = quantize("--out", str(out), *FAST, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert digest(out) == digest(quantized)
+
+
+def limited(cmd, kib):
+    """`cmd` with the largest file it may write `kib` KiB (ulimit -f): writes past it fail with EFBIG."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, preexec_fn=limit)
+
+
+FILE_LIMIT = {  # ulimit -f (KiB) at which each writer's first file is too large: (extra flags, KiB, file named)
+    "activations on disk": (["--activations", "disk"], 100, ".gsq-work/acts-0.tmp/calib-000000.safetensors"),
+    "layer shard": ([], 600, "model-layer00000-000.tmp"),
+}
+
+
+@pytest.mark.parametrize("row", FILE_LIMIT)
+def test_a_file_size_limit_is_one_line_and_resumable(row, quantized, tmp_path):
+    flags, kib, name = FILE_LIMIT[row]
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "gsq.quantize", "--model", str(TINY_MODEL), "--out", str(out), *FAST, *flags]
+    one_error_line(limited(cmd, kib), f"over the largest this process may write (ulimit -f) while writing "
+                   f"{out}.partial/{name}", "raise the limit", "--resume", code=27, alone=False)
+    assert not out.exists()
+    resumed = quantize("--out", str(out), *FAST, *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(out) == digest(quantized)
+
+
+def test_prune_at_a_file_size_limit_is_one_line_and_resumable(tmp_path):
+    out, again = tmp_path / "p", tmp_path / "p-whole"
+    flags = ["--model", str(TINY_MODEL), "--keep", "4", *CALIB_DATA, "--num-samples", "8", "--seqlen", "128"]
+    one_error_line(limited([sys.executable, "-m", "gsq.prune", "--out", str(out), *flags], 600),
+                   f"while writing {out}.partial/model-layer00000-000.tmp", "python -m gsq.prune", "--resume",
+                   code=27, alone=False)
+    for cmd in (["--out", str(out), "--resume"], ["--out", str(again)]):
+        proc = subprocess.run([sys.executable, "-m", "gsq.prune", *flags, *cmd], cwd=ROOT, env=ENV, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert digest(out, skip=("gsq_prune.json",)) == digest(again, skip=("gsq_prune.json",))
 
 
 def test_small_calibration_set_is_reported(tmp_path):
