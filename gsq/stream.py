@@ -24,6 +24,23 @@ QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_scale_inv", "weight_z
                   "weight_g_idx", "input_scale", "qweight", "qzeros", "scales", "g_idx", "_blocks", "_scales")
 
 
+def shard_map(index: Path) -> dict:
+    """The index's tensor -> shard file name, each a plain file name in the model directory: an index that points
+    elsewhere (`../other/x.safetensors`, `/abs/x.safetensors`) is refused, so a model never reads outside its
+    folder. A shard that is a symbolic link (the Hugging Face cache: snapshots/REV/* -> ../../blobs/*) is fine."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read {index}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
+    if not isinstance(weight_map, dict):
+        raise InputError(f"cannot read {index}: its weight_map is not a mapping of tensor names to shard files")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file:
+            raise InputError(f"{index.name} maps {name} to {file!r}: a shard must be a file name in the model "
+                             f"directory {index.parent} (no folders, no absolute path, no ..)")
+    return weight_map
+
+
 class Checkpoint:
     """Tensor name -> shard file of a (possibly sharded) safetensors checkpoint; loads by name.
 
@@ -36,7 +53,7 @@ class Checkpoint:
         self.root = Path(root)
         index = self.root / "model.safetensors.index.json"
         if index.is_file():
-            self.where = {k: self.root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            self.where = {k: self.root / f for k, f in shard_map(index).items()}
         elif (self.root / "model.safetensors").is_file():
             self.where = dict.fromkeys(shard_keys(self.root / "model.safetensors"), self.root / "model.safetensors")
         else:

@@ -411,3 +411,52 @@ def test_readers_refuse_a_broken_checkpoint_in_one_line(row, quantized, tmp_path
     ckpt = build(quantized, tmp_path / "ckpt")
     one_error_line(run_tool("gsq.inspect", ckpt), *inspect_words)
     one_error_line(run_tool("gsq.eval", "--model", ckpt, *EVAL), *eval_words)
+
+
+def outside_index(dst, where):
+    """A copy of the tiny model whose index maps one tensor to a shard outside its folder (`where`: '..' or the
+    absolute path), the shard really there, so only the check stops the read."""
+    tiny_copy(dst)
+    outside = dst.parent / "other"
+    outside.mkdir()
+    shutil.move(dst / "model.safetensors", outside / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(outside / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    file = "../other/model.safetensors" if where == ".." else str(outside / "model.safetensors")
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, file)}))
+    return dst
+
+
+@pytest.mark.parametrize("where", ["..", "absolute"])
+def test_an_index_pointing_outside_the_model_is_refused_by_every_tool(where, tmp_path):
+    src = outside_index(tmp_path / "m", where)
+    words = ["model.safetensors.index.json maps", "a shard must be a file name in the model directory"]
+    for tool, args in [("gsq.quantize", ["--out", tmp_path / "q", *FAST]),
+                       ("gsq.prune", ["--out", tmp_path / "q", "--keep", "4", *CALIB_DATA]),
+                       ("gsq.eval", EVAL)]:
+        one_error_line(run_tool(tool, "--model", src, *args), *words)
+        assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+    one_error_line(run_tool("gsq.inspect", src), *words)
+
+
+def test_symlinked_shards_as_in_the_hub_cache_are_read(quantized, tmp_path):
+    """The Hugging Face cache keeps snapshots/REV/<file> as links to ../../blobs/<hash>: inside the folder by
+    name, elsewhere on disk. Every tool reads such a model."""
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    blobs = tmp_path / "hub" / "blobs"
+    for src, dst in [(TINY_MODEL, snapshot / "tiny"), (quantized, snapshot / "w2")]:
+        dst.mkdir(parents=True)
+        blobs.mkdir(exist_ok=True)
+        for f in src.iterdir():
+            blob = blobs / f"{dst.name}-{f.name}"
+            shutil.copyfile(f, blob)
+            (dst / f.name).symlink_to(os.path.relpath(blob, dst))
+    proc = run_tool("gsq.eval", "--model", snapshot / "w2", "--reference", snapshot / "tiny", *EVAL, "--no-card")
+    assert proc.returncode == 0 and "KL" in proc.stdout, proc.stderr[-2000:]
+    proc = run_tool("gsq.inspect", snapshot / "w2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_tool("gsq.quantize", "--model", snapshot / "tiny", "--out", tmp_path / "q", *FAST, "--eval-every", "0",
+                    "--finetune-scales", "0", "--min-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
