@@ -19,6 +19,8 @@ class Config:
     # what to quantize, where to write
     model: str = _f("models/tiny-deepseek-v3", "source model directory (never modified)")
     out: str = _f("", "output directory for the compressed-tensors checkpoint")
+    tokenizer: str = _f("", "tokenizer directory, where the model's folder has none (default: the model's); its "
+                            "files are copied into the output")
     # calibration data
     dataset: str = _f("wikitext:wikitext-2-raw-v1:train", "local .txt/.jsonl file, or Hub id[:config[:split]]")
     text_field: str = _f("text", "text column of a Hub dataset or JSONL file ('messages' renders chat)")
@@ -102,7 +104,7 @@ class Config:
 RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations", "dry_run", "ranks", "gpu_memory",
                "host_memory", "json")  # none of these changes a byte of the checkpoint
 PRUNE_ONLY = ("keep", "ratio", "criterion")
-PRUNE_FLAGS = ("model", "out", *PRUNE_ONLY, "dataset", "text_field", "num_samples", "seqlen", "seed", "device", "resume",
+PRUNE_FLAGS = ("model", "out", "tokenizer", *PRUNE_ONLY, "dataset", "text_field", "num_samples", "seqlen", "seed", "device", "resume",
                "overwrite", "max_shard_bytes", "preset")  # python -m gsq.prune's
 QUANTIZE_FLAGS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in PRUNE_ONLY)
 

@@ -147,8 +147,10 @@ def fails(model, device: str) -> Exception | None:
     return None
 
 
-def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
-    """A causal LM and its tokenizer from a local directory (original or compressed-tensors)."""
+def load_model(path: str, device: str = "cpu", dtype: str = "auto", tokenizer: str | None = ""):
+    """A causal LM and its tokenizer from a local directory (original or compressed-tensors); `tokenizer`: the
+    directory of another tokenizer, or None for none (the tokenizer is read first: a missing one is said before
+    the weights are loaded)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
@@ -162,6 +164,7 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
     else:
         raise InputError(f"{path} holds a '{config.model_type}' model, not a causal language model")
     check_weights(root, config)
+    words = load_tokenizer(tokenizer or root, TOKENIZER_HINT) if tokenizer is not None else None
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     extra = {}
     if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "mxfp4":
@@ -188,15 +191,30 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto"):
         why = fails(model, device)
         if why is not None:
             raise InputError(f"cannot run the model in {path}: {first_line(why)}") from why
-    return model, load_tokenizer(root)
+    return model, words
 
 
-def load_tokenizer(root):
+# what transformers reads a tokenizer from (one of them is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+TOKENIZER_HINT = "; pass --tokenizer DIR to use the tokenizer of the model it came from"
+
+
+def load_tokenizer(root, hint: str = ""):
     """The model's tokenizer, for whole corpora: texts are tokenized in one piece and then cut into
-    windows, so its maximum length (and transformers' warning about it) does not apply."""
+    windows, so its maximum length (and transformers' warning about it) does not apply. A folder without one,
+    or one transformers cannot read, is one line (`hint`: what to do about it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(root)
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"tokenizer directory not found: {root}")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{root} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}){hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root)
+    except (OSError, ValueError, ImportError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(f"cannot load the tokenizer in {root}: {first_line(exc)[:200]}{hint}") from exc
     tokenizer.model_max_length = sys.maxsize
     return tokenizer
 
@@ -231,6 +249,7 @@ def parse_args(argv=None):
     ap = ArgumentParser(prog="python -m gsq.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model directory (original or compressed-tensors)")
     ap.add_argument("--reference", help="original model directory: adds KL(reference || model) and top-1")
+    ap.add_argument("--tokenizer", help="tokenizer directory, where the model's folder has none")
     ap.add_argument("--data-file", help="local wiki.test.raw (default: the Hub's wikitext-2-raw-v1 test)")
     ap.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
     ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
@@ -257,12 +276,12 @@ def main(argv=None):
     for path in filter(None, [args.model, args.reference]):
         check_model_dir(path)  # cheap checks before any data or weights are loaded
     rows = None if args.skip_ppl else wikitext_rows(args.data_file)
-    model, tokenizer = load_model(args.model, device, args.dtype)
+    model, tokenizer = load_model(args.model, device, args.dtype, args.tokenizer or "")
     result = {"model": args.model, "seqlen": args.seqlen}
     if rows is not None:
         reference = None
         if args.reference:
-            reference, _ = load_model(args.reference, device, args.dtype)
+            reference, _ = load_model(args.reference, device, args.dtype, tokenizer=None)
             if reference.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
                 raise InputError(f"--reference {args.reference} has a different vocabulary than {args.model}")
             result["reference"] = args.reference

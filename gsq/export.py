@@ -25,6 +25,8 @@ from gsq.kernels.pack import pack, unpack
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
                           r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json|LICEN[SC]E.*|NOTICE.*)$",
                           re.I)
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|chat_template.*|.*\.tiktoken|tiktoken\.model|vocab\..*"
+                             r"|merges\.txt|spiece\.model)$", re.I)  # taken from --tokenizer DIR
 
 
 def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, container: int) -> dict:
@@ -166,12 +168,12 @@ def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: i
     return quantization_config(container, group_size, quantized | vllm, copied, modules)
 
 
-def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict):
+def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict, tokenizer: str = ""):
     """The shards renamed as users and tools expect them (`model-00001-of-000NN.safetensors`, in unit order;
     the resume design keeps its own names until here), their index, `config` as config.json, tokenizer and
-    friends, `records` (file name -> text); then the atomic rename of `partial_dir` to `out`. Every file is
-    written while the resume point stands (a full disk here resumes at this step); then it goes, and the renames
-    are all that is left."""
+    friends (also from `tokenizer`, a directory, when given), `records` (file name -> text); then the atomic
+    rename of `partial_dir` to `out`. Every file is written while the resume point stands (a full disk here
+    resumes at this step); then it goes, and the renames are all that is left."""
     units = sorted(partial_dir.glob("model-*.safetensors"))
     names = {unit: f"model-{n:05d}-of-{len(units):05d}.safetensors" for n, unit in enumerate(units, 1)}
     weight_map = {}
@@ -182,10 +184,13 @@ def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict)
              "weight_map": dict(sorted(weight_map.items()))}
     write_text(partial_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     write_text(partial_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    for f in sorted(src.iterdir()):
-        if f.is_file() and COPIED_FILES.match(f.name):
-            with writing(partial_dir / f.name, f.stat().st_size):
-                shutil.copyfile(f, partial_dir / f.name)  # the mode of a new file, as every other file here
+    copies = {f.name: f for f in sorted(src.iterdir()) if f.is_file() and COPIED_FILES.match(f.name)}
+    if tokenizer:
+        copies.update({f.name: f for f in sorted(Path(tokenizer).iterdir())
+                       if f.is_file() and TOKENIZER_FILES.match(f.name)})
+    for f in copies.values():
+        with writing(partial_dir / f.name, f.stat().st_size):
+            shutil.copyfile(f, partial_dir / f.name)  # the mode of a new file, as every other file here
     for name, text in records.items():
         write_text(partial_dir / name, text)
     partial.finish_work(partial_dir)

@@ -27,7 +27,7 @@ from gsq import acts, adapter, card, dist, experts, export, finetune, partial, p
 from gsq import calib as calibration
 from gsq.config import Config
 from gsq.inspect import tensor_parallel_sizes
-from gsq.eval import eval_windows, load_tokenizer, pick_device, summarize, window_sums, wikitext_rows
+from gsq.eval import TOKENIZER_HINT, eval_windows, load_tokenizer, pick_device, summarize, window_sums, wikitext_rows
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
     source.open()
     this_run = partial.identity(cfg, source.path, dist.world(), device.type)  # what a resume point is bound to
     point = dist.on_writer(partial.check, cfg, source.path, this_run)  # the resume point of this same run, or None
-    tokenizer = load_tokenizer(source.path)
+    tokenizer = load_tokenizer(cfg.tokenizer or source.path, TOKENIZER_HINT)
     ids = note = windows = None  # the data, read and checked before anything is written
     if point is None or cfg.finetune_scales:  # (the fine-tune reads the calibration windows again)
         ids, note = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples,
@@ -202,7 +202,7 @@ def run(cfg: Config) -> dict:
     tp = tensor_parallel_sizes(hidden, {inter}, model.config.num_attention_heads, cfg.group_size)
     export.finish(source.path, partial_dir, out, config, {
         "gsq_config.json": cfg.to_json(), "gsq_run.json": json.dumps(record, indent=2) + "\n",
-        "README.md": card.quantized_card(source.path, config, cfg, record, tp, partial_dir)})
+        "README.md": card.quantized_card(source.path, config, cfg, record, tp, partial_dir)}, cfg.tokenizer)
     partial.release(out)
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")
     dist.finish()

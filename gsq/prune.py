@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gsq import acts, adapter, calib, card, export, partial, stream, walk
 from gsq.config import PRUNE_FLAGS, Config, build_parser, derive_seed, from_args
-from gsq.eval import load_tokenizer, pick_device
+from gsq.eval import TOKENIZER_HINT, load_tokenizer, pick_device
 
 
 def blocks(model, store: acts.Activations, compute):
@@ -161,8 +161,8 @@ def run(cfg: Config) -> dict:
     point = partial.check(cfg, source.path, this_run)  # the resume point of this same run, or None
     ids = note = None
     if point is None:  # the calibration data, read and checked before anything is written
-        ids, note = calib.calibration_ids(load_tokenizer(source.path), cfg.dataset, cfg.text_field, cfg.num_samples,
-                                          cfg.seqlen, cfg.seed)
+        tokenizer = load_tokenizer(cfg.tokenizer or source.path, TOKENIZER_HINT)
+        ids, note = calib.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
     partial_dir = partial.claim(cfg, source.path, this_run)  # held by this run from here on
     work = partial_dir / partial.WORK
     source.load_globals()
@@ -219,7 +219,7 @@ def run(cfg: Config) -> dict:
     record.update(seconds=round(time.time() - t0, 1), config=json.loads(cfg.to_json(PRUNE_FLAGS)))
     export.finish(source.path, partial_dir, Path(cfg.out), out_config, {
         "gsq_prune.json": json.dumps(record, indent=2) + "\n",
-        "README.md": card.pruned_card(source.path, out_config, record, partial_dir)})
+        "README.md": card.pruned_card(source.path, out_config, record, partial_dir)}, cfg.tokenizer)
     partial.release(Path(cfg.out))
     print(f"wrote {cfg.out}: {keep} of {E} routed experts per layer, in {record['seconds']:.0f}s")
     return record

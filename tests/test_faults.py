@@ -460,3 +460,31 @@ def test_symlinked_shards_as_in_the_hub_cache_are_read(quantized, tmp_path):
     proc = run_tool("gsq.quantize", "--model", snapshot / "tiny", "--out", tmp_path / "q", *FAST, "--eval-every", "0",
                     "--finetune-scales", "0", "--min-steps", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def no_tokenizer(dst, keep_config=False):
+    tiny_copy(dst)
+    for f in ["tokenizer.json", *([] if keep_config else ["tokenizer_config.json"])]:
+        (dst / f).unlink()
+    return dst
+
+
+@pytest.mark.parametrize("keep_config", [False, True], ids=["no tokenizer files", "tokenizer_config.json alone"])
+def test_a_model_without_a_tokenizer_is_one_line_and_tokenizer_names_one(keep_config, tmp_path):
+    src = no_tokenizer(tmp_path / "m", keep_config)
+    words = [f"{src} has no tokenizer (looked for tokenizer.json" if not keep_config else
+             f"cannot load the tokenizer in {src}: ", "pass --tokenizer DIR"]
+    for tool, args in [("gsq.quantize", ["--out", tmp_path / "q", *FAST]),
+                       ("gsq.prune", ["--out", tmp_path / "q", "--keep", "4", *CALIB_DATA]),
+                       ("gsq.eval", EVAL)]:
+        one_error_line(run_tool(tool, "--model", src, *args), *words)
+        assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+    if keep_config:
+        return
+    proc = run_tool("gsq.eval", "--model", src, *EVAL, "--tokenizer", TINY_MODEL, "--no-card")
+    assert proc.returncode == 0 and "ppl" in proc.stdout, proc.stderr[-2000:]
+    out = tmp_path / "q"
+    proc = run_tool("gsq.quantize", "--model", src, "--out", out, *FAST, "--eval-every", "0", "--finetune-scales", "0",
+                    "--tokenizer", TINY_MODEL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "tokenizer.json").read_bytes() == (TINY_MODEL / "tokenizer.json").read_bytes()  # servable
