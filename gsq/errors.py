@@ -15,6 +15,10 @@ class InputError(Exception):
     """Bad input from the user (missing path, wrong kind of model, bad option): reported in one line."""
 
 
+class BrokenSource(InputError):
+    """A source tensor found unusable when its layer is read (NaN or inf: scanning 1 TB before the run is too slow)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one `error:` line (not the usage of fifty flags) and exit status 2."""
 
@@ -110,13 +114,27 @@ def quiet_start(name: str):
             signal.signal(signum, leave)
 
 
+def partial_dir(argv) -> Path | None:
+    """The run's `OUT.partial`, where the command line names an --out and it exists."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = args[args.index("--out") + 1] if "--out" in args[:-1] else None
+    return Path(f"{out}.partial") if out and Path(f"{out}.partial").is_dir() else None
+
+
+def broken_hint(argv) -> str:
+    """After BrokenSource: the source is at fault, what was kept, and how to start again once it is fixed."""
+    partial = partial_dir(argv)
+    kept = f"; the layers finished before it are kept in {partial}, but a fixed source is a changed source, which " \
+           "cannot be resumed: once it is fixed (re-download that file), rerun with --overwrite" if partial else ""
+    return f" (the source model is broken, not gsq's run){kept}"
+
+
 def resume_hint(argv) -> str:
     """Where an interrupted run's resume point is and the exact command that continues it: every file a
     run writes is renamed into place whole, so wherever it stopped, the finished layers are kept."""
     args = list(sys.argv[1:] if argv is None else argv)
-    out = args[args.index("--out") + 1] if "--out" in args[:-1] else None
-    partial = Path(f"{out}.partial") if out else None
-    if partial is None or not partial.is_dir():
+    partial = partial_dir(argv)
+    if partial is None:
         return "nothing was written"
     module = getattr(sys.modules["__main__"].__spec__, "name", "gsq.quantize")  # gsq.quantize or gsq.prune
     again = [a for a in args if a != "--overwrite"] + ([] if "--resume" in args else ["--resume"])
@@ -133,7 +151,7 @@ def run_cli(main, argv=None) -> None:
     try:
         main(argv)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{broken_hint(argv) if isinstance(exc, BrokenSource) else ''}", file=sys.stderr)
         sys.exit(2)
     except Stopped as exc:
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from gsq import adapter
-from gsq.errors import InputError
+from gsq.errors import BrokenSource, InputError
 
 
 # Tensor-name suffixes that only a quantized format writes: left unclaimed by the source's decoder, they
@@ -110,7 +110,7 @@ class Checkpoint:
                 out[name] = compressor.decompress(local, scheme)["weight"].to(self.dtype)
         for name, t in out.items():
             if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
-                raise InputError(f"tensor {name} holds NaN or inf ({self.where[name].name})")
+                raise BrokenSource(f"tensor {name} holds NaN or inf ({self.where[name].name})")
         return out
 
     def stored(self, names) -> dict:
