@@ -115,7 +115,7 @@ def model_config(root: Path):
 
     try:
         return AutoConfig.from_pretrained(root)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers' config classes validate with errors of their own (huggingface_hub's)
         raise InputError(f"cannot read {root / 'config.json'}: {str(exc).splitlines()[0][:200]}") from exc
 
 

@@ -45,13 +45,13 @@ def inspect(path: Path) -> dict:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.utils.match import match_name
 
-    from gsq.stream import Checkpoint
+    from gsq.stream import Checkpoint, read_config
 
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{path} is not a checkpoint directory (no config.json)")
     Checkpoint(path)  # shards whole, formats known, packed widths as configured: refused in one line if not
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")

@@ -28,8 +28,16 @@ def shard_map(index: Path) -> dict:
     """The index's tensor -> shard file name, each a plain file name in the model directory: an index that points
     elsewhere (`../other/x.safetensors`, `/abs/x.safetensors`) is refused, so a model never reads outside its
     folder. A shard that is a symbolic link (the Hugging Face cache: snapshots/REV/* -> ../../blobs/*) is fine."""
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen and seen[key] != value:
+                raise InputError(f"{index.name} lists {key} twice, in {seen[key]!r} and {value!r}")
+            seen[key] = value
+        return seen
+
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(), object_pairs_hook=unique)["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"cannot read {index}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
     if not isinstance(weight_map, dict):
@@ -65,7 +73,7 @@ class Checkpoint:
         self.files = dict(self.where)  # on-disk names
         # "P.weight" -> (compressor, scheme, {part: on-disk name}); the output names part p "P.p"
         self.compressed = quantized_modules(self.root, self.files)
-        config = json.loads((self.root / "config.json").read_text())
+        config = read_config(self.root)
         self.dtype = model_dtype(config.get("text_config") or config)  # what decoded tensors are held in
         for name, (_, _, parts) in self.compressed.items():  # self.where: the logical names
             file = self.files[next(iter(parts.values()))]
@@ -212,9 +220,20 @@ class MXFP4:
         return {"weight": convert_moe_packed_tensors(parts["blocks"], parts["scales"])}
 
 
+def read_config(root: Path) -> dict:
+    """config.json as a dict; one that is not a JSON object is one line."""
+    try:
+        config = json.loads((Path(root) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read {Path(root) / 'config.json'}: {str(exc).splitlines()[0][:160]}") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("text_config", {}), dict):
+        raise InputError(f"{Path(root) / 'config.json'} is not a JSON object of settings")
+    return config
+
+
 def source_quantization(root: Path):
     """The source's quantization_config, wherever it sits (top level, or a multimodal wrapper's text_config)."""
-    config = json.loads((root / "config.json").read_text())
+    config = read_config(root)
     return config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
 
 
@@ -295,12 +314,34 @@ def model_dtype(config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "n_group", "topk_group",
+            "moe_intermediate_size", "intermediate_size")  # read by every architecture gsq quantizes, when present
+
+
 def skeleton(config):
     """The causal LM of `config` on the meta device: module structure only, no memory."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    for key in POSITIVE:
+        value = getattr(config, key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"config.json: {key} is {value!r}, not a positive whole number")
+    default = type(config)()
+    for key, value in config.to_dict().items():  # a number where the config class has one (null allowed: optional)
+        want = getattr(default, key, None)
+        if value is not None and type(want) in (int, float) and (type(value) not in (int, float) or
+                                                                type(want) is int and type(value) is float):
+            raise InputError(f"config.json: {key} is {value!r}, not a {'whole ' if type(want) is int else ''}number")
+    k, n = getattr(config, "num_experts_per_tok", None), next(
+        (getattr(config, a) for a in ("n_routed_experts", "num_experts", "num_local_experts") if hasattr(config, a)), None)
+    if isinstance(k, int) and isinstance(n, int) and not 0 < k <= n:
+        raise InputError(f"config.json: num_experts_per_tok is {k}, not between 1 and the {n} routed experts")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, IndexError) as exc:
+        raise InputError(f"config.json describes no model transformers can build: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from exc
     return model.requires_grad_(False)  # only GSQ's own tensors are ever trained
 
 
