@@ -2,8 +2,9 @@
 
 Layout (compressed-tensors `pack_to_int32(value, num_bits, packed_dim=1)`, every release 0.13-0.20):
 stored value `u = q + 2**(bits-1)`; element j of a row sits in word `j * bits // 32` at bit
-`(j * bits) % 32`, least significant bits first; a row is zero-padded to whole words. Only bit
-widths that divide 32 (2, 4, 8: whole codes per word) are handled here.
+`(j * bits) % 32`, least significant bits first; a row is zero-padded to whole words. Widths that divide
+32 (2, 4, 8: whole codes per word) run in the Triton kernels; the others (3 bits: 32 codes in 3 words, a
+code may straddle two words, as compressed-tensors 0.20 packs them) in torch.
 
 Worked example, 2 bits, one row of codes q = [-2, -1, 0, 1, 1] -> u = [0, 1, 2, 3, 3]:
 word 0 = 0 | 1 << 2 | 2 << 4 | 3 << 6 | 3 << 8 = 0b11_11_10_01_00 = 996; a row of 5 codes uses
@@ -20,26 +21,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_bits(bits):
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8 (whole codes per int32 word), got {bits}")
+    if bits not in range(1, 9):
+        raise ValueError(f"bits must be 1 to 8, got {bits}")
+
+
+def _slots(bits: int, device):
+    """Where each of 32 codes sits in its `bits` words: word, bit offset, and the bits spilling into the next."""
+    start = bits * torch.arange(32, device=device)
+    return start // 32, start % 32, (start % 32 + bits - 32).clamp(min=0)
 
 
 def pack_ref(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 codes `[..., n]` in [-2**(bits-1), 2**(bits-1)) -> int32 words `[..., ceil(n * bits / 32)]`."""
     _check_bits(bits)
-    per = 32 // bits
     n = codes.shape[-1]
     u = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
-    u = torch.nn.functional.pad(u, (0, -n % per)).unflatten(-1, (-1, per))
-    words = (u << (bits * torch.arange(per, device=codes.device))).sum(-1)
+    u = torch.nn.functional.pad(u, (0, -n % 32)).unflatten(-1, (-1, 32))  # 32 codes fill `bits` words
+    word, offset, spill = _slots(bits, codes.device)
+    words = torch.zeros(*u.shape[:-1], bits + 1, dtype=torch.int64, device=codes.device)
+    words.index_add_(-1, word, (u << offset) & 0xFFFFFFFF)  # disjoint bits: sum == or
+    words.index_add_(-1, word + 1, torch.where(spill > 0, u >> (bits - spill), 0))
+    words = words[..., :bits].flatten(-2)[..., : -(-n * bits // 32)]
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_ref(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """int32 words `[..., w]` -> int8 codes `[..., n]` (the padding trimmed)."""
     _check_bits(bits)
-    per = 32 // bits
-    u = (words.to(torch.int64)[..., None] >> (bits * torch.arange(per, device=words.device))) & ((1 << bits) - 1)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, -w.shape[-1] % bits)).unflatten(-1, (-1, bits))  # 32 codes per `bits` words
+    w = torch.cat([w, torch.zeros_like(w[..., :1])], -1)  # a spill past the last word reads 0
+    word, offset, spill = _slots(bits, words.device)
+    u = (w[..., word] >> offset) | ((w[..., word + 1] << (bits - spill)) * (spill > 0))
+    u = u & ((1 << bits) - 1)
     return (u.flatten(-2)[..., :n] - (1 << (bits - 1))).to(torch.int8)
 
 
@@ -74,8 +88,8 @@ def _unpack_kernel(words_ptr, codes_ptr, R, N, W, BITS: tl.constexpr, BLOCK_R: t
     tl.store(codes_ptr + offs_r.to(tl.int64)[:, None] * N + offs_n[None, :], q.to(tl.int8), mask=mask)
 
 
-def _use_triton(t):
-    return t.is_cuda or INTERPRET
+def _use_triton(t, bits):
+    return (t.is_cuda or INTERPRET) and 32 % bits == 0
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,7 +100,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if codes.numel() and (codes.min() < lo or codes.max() > hi):
         raise ValueError(f"codes outside [{lo}, {hi}] do not fit {bits} bits")
-    if not _use_triton(codes):
+    if not _use_triton(codes, bits):
         return pack_ref(codes, bits)
     per, n = 32 // bits, codes.shape[-1]
     rows = codes.reshape(-1, n).contiguous()
@@ -105,7 +119,7 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if words.dtype != torch.int32 or words.shape[-1] != -(-n * bits // 32):
         raise ValueError(f"need int32 words [..., {-(-n * bits // 32)}] for {n} {bits}-bit codes, "
                          f"got {words.dtype} {tuple(words.shape)}")
-    if not _use_triton(words):
+    if not _use_triton(words, bits):
         return unpack_ref(words, bits, n)
     flat = words.reshape(-1, words.shape[-1]).contiguous()
     R, W = flat.shape

@@ -15,7 +15,7 @@ def random_codes(shape, bits, seed):
     return torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), shape, generator=gen, dtype=torch.int8)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", [(5, 16), (3, 17), (7, 100), (13, 384), (1, 1), (2, 3, 45)])
 def test_pack_is_bit_exact_against_compressed_tensors(bits, shape):
     codes = random_codes(shape, bits, seed=sum(shape) + bits)
@@ -49,9 +49,18 @@ def test_two_bit_codes_in_a_four_bit_container_round_trip():
     assert torch.equal(P.unpack(words, 4, 130), codes)
 
 
+def test_three_bit_codes_straddle_words():
+    # 3 bits: 32 codes in 3 words, code 10 takes bits 30-31 of word 0 and bit 0 of word 1 (compressed-tensors'
+    # dense packing); q = 3 (u = 7) there and -4 (u = 0) elsewhere sets exactly those three bits
+    codes = torch.full((1, 32), -4, dtype=torch.int8)
+    codes[0, 10] = 3
+    assert P.pack(codes, 3).tolist() == [[-2**31 + 2**30, 1, 0]]
+    assert torch.equal(P.unpack(P.pack(codes, 3), 3, 32), codes)
+
+
 def test_bad_input():
-    with pytest.raises(ValueError, match="bits must be 2, 4 or 8"):
-        P.pack(torch.zeros(1, 4, dtype=torch.int8), 3)
+    with pytest.raises(ValueError, match="bits must be 1 to 8"):
+        P.pack(torch.zeros(1, 4, dtype=torch.int8), 9)
     with pytest.raises(ValueError, match="do not fit 2 bits"):
         P.pack(torch.tensor([[2]], dtype=torch.int8), 2)
     with pytest.raises(ValueError, match="int8"):
