@@ -29,6 +29,15 @@ class Config:
     seed: int = _f(0, "seed of sampling and of every (layer, expert) optimisation")
     # grid
     bits: int = _f(2, "bits per expert weight (2: levels -2..1; 3, 4: local shifts)", choices=[2, 3, 4])
+    bits_budget: float = _f(0.0, "instead of --bits: average stored bits per routed-expert weight, scales included "
+                            "(2 bits at group 128: 2.125); each MoE layer's width (2, 3, 4) chosen from measured "
+                            "sensitivity to meet it from below (gsq.budget)")
+    target_size: str = _f("", "instead of --bits: the whole checkpoint's size on disk, e.g. 240GB; widths as for "
+                          "--bits-budget")
+    bits_plan: str = _f("", "instead of --bits: each MoE layer's width from a gsq_bits.json (as written beside a "
+                        "checkpoint, kept or edited)")
+    sensitivity_windows: int = _f(16, "calibration windows (the first ones) of the sensitivity pass of "
+                                  "--bits-budget / --target-size")
     group_size: int = _f(128, "input channels per scale")
     method: str = _f("gsq", "gsq (learned codes), or the baselines gptq / rtn with the same grid",
                      choices=["gsq", "gptq", "rtn"])
@@ -89,7 +98,8 @@ class Config:
     json: bool = _f(False, "--dry-run: print the plan as JSON")
     resume: bool = _f(False, "continue an interrupted run in --out from its first unfinished layer")
     overwrite: bool = _f(False, "replace an existing --out")
-    container: int = _f(2, "bits per code in the int32 words: 2 (true 2-bit) or 4 (Marlin-era vLLM)", choices=[2, 4, 8])
+    container: int = _f(2, "bits per code in the int32 words: 2 (each code at its own width: true 2-bit, dense "
+                        "3-bit) or 4 (Marlin-era vLLM)", choices=[2, 4, 8])
     max_shard_bytes: int = _f(5 * 2**30, "largest safetensors shard written")
     preset: str = _f("", "named settings applied before the flags: 'tiny' for the bundled model")
 
@@ -97,12 +107,15 @@ class Config:
         """The resolved settings saved beside a checkpoint: those of `flags` (default: quantize's) that shape
         its bytes (not where it was written, nor whether the run was resumed)."""
         flags = flags or QUANTIZE_FLAGS
-        shaping = {k: v for k, v in dataclasses.asdict(self).items() if k in flags and k not in RUN_CONTROL}
+        unread = () if any(getattr(self, k) for k in WIDTH_CHOICE) else (*WIDTH_CHOICE, "sensitivity_windows")
+        shaping = {k: v for k, v in dataclasses.asdict(self).items()
+                   if k in flags and k not in RUN_CONTROL and k not in unread}
         return json.dumps(shaping, indent=2) + "\n"
 
 
 RUN_CONTROL = ("out", "resume", "overwrite", "experts_per_batch", "activations", "dry_run", "ranks", "gpu_memory",
                "host_memory", "json")  # none of these changes a byte of the checkpoint
+WIDTH_CHOICE = ("bits_budget", "target_size", "bits_plan")  # with none of them, one --bits for every layer
 PRUNE_ONLY = ("keep", "ratio", "criterion")
 PRUNE_FLAGS = ("model", "out", "tokenizer", *PRUNE_ONLY, "dataset", "text_field", "num_samples", "seqlen", "seed", "device", "resume",
                "overwrite", "max_shard_bytes", "preset")  # python -m gsq.prune's
@@ -169,6 +182,9 @@ def from_args(args: argparse.Namespace) -> Config:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
     if cfg.batch_size % 4:
         raise ValueError(f"--batch-size must be a multiple of 4 (windows are handled in blocks of 4), got {cfg.batch_size}")
-    if cfg.container < cfg.bits:
-        raise ValueError(f"--container {cfg.container} cannot hold {cfg.bits}-bit codes: use --container 4")
+    chosen = [f"--{k.replace('_', '-')}" for k in WIDTH_CHOICE if getattr(cfg, k)]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} each choose the widths: give one")
+    if cfg.bits_budget < 0 or cfg.sensitivity_windows < 1:
+        raise ValueError("--bits-budget must be positive and --sensitivity-windows at least 1")
     return cfg

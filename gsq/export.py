@@ -127,17 +127,17 @@ def targets(mine: set, others: set) -> list:
     return sorted(found)
 
 
-def quantization_config(container: int, group_size: int, quantized: set, copied: dict, modules: set) -> dict:
-    """One compressed-tensors config for everything the checkpoint stores quantized: the new `container`-bit
-    group-`group_size` experts (`quantized`) and the modules copied as the source stored them (`copied`:
-    module name -> its compressed-tensors scheme, e.g. DeepSeek-V3's block-FP8 attention). Every target
-    selects exactly its group's modules among `modules` (all the checkpoint's modules)."""
+def quantization_config(group_size: int, quantized: dict, copied: dict, modules: set) -> dict:
+    """One compressed-tensors config for everything the checkpoint stores quantized: the new group-`group_size`
+    experts (`quantized`: container bits -> module names, one config group per width) and the modules copied as
+    the source stored them (`copied`: module name -> its compressed-tensors scheme, e.g. DeepSeek-V3's block-FP8
+    attention). Every target selects exactly its group's modules among `modules` (all the checkpoint's modules)."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=container, type="int", symmetric=True, strategy="group",
-                               group_size=group_size, dynamic=False)
-    schemes = [(QuantizationScheme(targets=["Linear"], weights=weights, format="pack-quantized"), set(quantized))]
+    schemes = [(QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False)), set(names))
+        for bits, names in sorted(quantized.items())]
     for name, scheme in sorted(copied.items()):
         same = next((names for s, names in schemes if s == scheme), None)
         if same is None:
@@ -157,15 +157,20 @@ def rest_keys(ckpt, arch, n_layers: int) -> list:
     return sorted(k for k in ckpt.keys() if k not in inside)
 
 
-def output_quantization(ckpt, arch, n_layers: int, container: int, group_size: int) -> dict:
-    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 at `container`
-    bits, and every module copied quantized from the source (FP8 attention, an MTP layer's experts) as stored."""
+def output_quantization(ckpt, arch, n_layers: int, containers: dict, group_size: int) -> dict:
+    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 at their layer's
+    container bits (`containers`: layer -> bits), and every module copied quantized from the source (FP8
+    attention, an MTP layer's experts) as stored."""
     modules = {k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")}
-    quantized = {m for m in modules if arch.expert_layer(m) is not None and arch.expert_layer(m) < n_layers}
+    quantized = {}
+    for m in modules:
+        i = arch.expert_layer(m)
+        if i is not None and i < n_layers:
+            quantized.setdefault(containers[i], set()).update([m, *arch.vllm_names(m)])  # vLLM's names, too
+    everything = set().union(*quantized.values())
     copied = {k[: -len(".weight")]: scheme for k, (_, scheme, _) in ckpt.compressed.items()}
-    copied = {m: scheme for m, scheme in copied.items() if m not in quantized}
-    vllm = {name for m in quantized for name in arch.vllm_names(m)}  # what vLLM's MoE layer looks up, too
-    return quantization_config(container, group_size, quantized | vllm, copied, modules)
+    copied = {m: scheme for m, scheme in copied.items() if m not in everything}
+    return quantization_config(group_size, quantized, copied, modules)
 
 
 def finish(src: Path, partial_dir: Path, out: Path, config: dict, records: dict, tokenizer: str = ""):

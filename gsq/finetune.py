@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gsq import adapter, dist, export, partial, stream
+from gsq import adapter, budget, dist, export, partial, stream
 from gsq.acts import BLOCK
 from gsq.config import derive_seed
 from gsq.errors import tensor_bytes, write_text, writing
@@ -165,7 +165,7 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     return history
 
 
-def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> tuple:
+def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, widths, dtype, device, compute) -> tuple:
     """The trained scales of every MoE layer (`{i: (gate_up, down)}` in `dtype`) and the stage's record; read
     from `WORK/FILE` when an interrupted run had finished training, else trained and saved there."""
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
@@ -173,7 +173,7 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, comp
     if not done.exists():
         n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
         layers = dist.on_writer(lambda: {i: read_layer(partial_dir, export.unit_name(i), arch, i, n_experts[i],
-                                                       cfg.container) for i in moe})
+                                                       budget.at(cfg, widths, i).container) for i in moe})
         scales = Scales(layers, device)
         history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
         record = {"steps": len(history), "kl_first": history[0], "kl_last": history[-1],
@@ -190,7 +190,7 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, comp
     return {i: (saved[0][f"{i}.gate_up"], saved[0][f"{i}.down"]) for i in moe}, json.loads(saved[1])
 
 
-def stage(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> tuple:
+def stage(model, ckpt, arch, partial_dir, ids, cfg, widths: dict, dtype, device, compute) -> tuple:
     """The fine-tune after the last layer: train (or take the saved result), then rewrite every MoE layer
     with its trained scales. Returns the record and `{layer: final}` as a function (rank 0 reads the shards
     and hands them to every rank), for the perplexity watch.
@@ -198,14 +198,15 @@ def stage(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> t
     A layer is rewritten under a new unit name (`finetunedNNNNN`), listed in `WORK/REWRITTEN` once whole, and
     only then is its first unit removed: an interruption anywhere leaves each layer complete under one of
     the two names, and the resume rewrites the layers not listed."""
-    trained, record = trained_scales(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute)
+    trained, record = trained_scales(model, ckpt, arch, partial_dir, ids, cfg, widths, dtype, device, compute)
     listed = partial_dir / partial.WORK / REWRITTEN
     if dist.is_writer():
         done = json.loads(listed.read_text()) if listed.exists() else []
         for i in trained:
             if i not in done:
-                final = layer_results(partial_dir, export.unit_name(i), arch, i, trained[i], cfg)
-                export.write_unit(partial_dir, unit(i), export.layer_shard(ckpt, arch, i, final, cfg.container),
+                here = budget.at(cfg, widths, i)  # the layer's width
+                final = layer_results(partial_dir, export.unit_name(i), arch, i, trained[i], here)
+                export.write_unit(partial_dir, unit(i), export.layer_shard(ckpt, arch, i, final, here.container),
                                   cfg.max_shard_bytes)
                 done.append(i)
                 write_text(listed, json.dumps(done))
@@ -213,7 +214,8 @@ def stage(model, ckpt, arch, partial_dir, ids, cfg, dtype, device, compute) -> t
                 old.unlink()
         print(f"scale fine-tune: {record['steps']} steps, KL per token {record['kl_first']:.4f} -> {record['kl_last']:.4f}")
     dist.barrier()
-    return record, lambda i: (dist.on_writer(layer_results, partial_dir, unit(i), arch, i, trained[i], cfg)
+    return record, lambda i: (dist.on_writer(layer_results, partial_dir, unit(i), arch, i, trained[i],
+                                             budget.at(cfg, widths, i))
                               if i in trained else None)
 
 

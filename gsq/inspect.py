@@ -1,8 +1,8 @@
 """`python -m gsq.inspect DIR [--original DIR] [--json]`: what a compressed-tensors checkpoint holds.
 
-Per decoder layer: the number of quantized tensors, their storage in bits per weight (packed codes
-plus scales, padding included) and the most distinct codes any one group uses (at most 2^bits: 4 at
-2 bits, whatever the container). Then the totals and the checkpoint's size against the original's
+Per decoder layer: its code width (one per layer; a --bits-budget run mixes 2, 3 and 4), the number of
+quantized tensors, their storage in bits per weight (packed codes plus scales, padding included) and the
+most distinct codes any one group uses (at most 2^bits: 4 at 2 bits, whatever the container). Then the totals and the checkpoint's size against the original's
 (`--original`, else the source recorded in gsq_config.json when it is still there). The codes are
 read with compressed-tensors' own unpacker, not gsq's.
 """
@@ -55,15 +55,17 @@ def inspect(path: Path) -> dict:
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")
-    # the integer pack-quantized group (gsq's experts); others describe modules copied as the source stored them
+    # the integer pack-quantized groups (gsq's experts, one per container width); others describe modules copied
+    # as the source stored them
     schemes = [g for g in qc["config_groups"].values() if (g.get("weights") or {}).get("type") == "int"
                and (g.get("format") or qc.get("format")) == "pack-quantized"]
-    if len(schemes) != 1:
-        raise InputError(f"{path} has {len(schemes)} integer pack-quantized config groups: gsq.inspect reads one")
-    scheme = schemes[0]
-    container, group = scheme["weights"]["num_bits"], scheme["weights"]["group_size"]
+    if not schemes:
+        raise InputError(f"{path} has no integer pack-quantized config group: nothing gsq wrote to inspect")
+    if len({s["weights"]["group_size"] for s in schemes}) > 1:
+        raise InputError(f"{path} mixes group sizes across its pack-quantized config groups: gsq.inspect reads one")
+    group = schemes[0]["weights"]["group_size"]
     run = json.loads((path / "gsq_config.json").read_text()) if (path / "gsq_config.json").is_file() else {}
-    bits = run.get("bits", container)
+    plan = json.loads((path / "gsq_bits.json").read_text())["layers"] if (path / "gsq_bits.json").is_file() else {}
     layers = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0, "max_distinct": 0})
     shapes = set()
     for shard in sorted(path.glob("*.safetensors")):
@@ -72,14 +74,21 @@ def inspect(path: Path) -> dict:
                 if not name.endswith(".weight_packed"):
                     continue
                 key = name[: -len(".weight_packed")]
-                if not any(match_name(key, t) for t in scheme["targets"]):
+                scheme = next((s for s in schemes if any(match_name(key, t) for t in s["targets"])), None)
+                if scheme is None:
                     continue
+                container = scheme["weights"]["num_bits"]
                 packed, scale = f.get_tensor(name), f.get_tensor(key + ".weight_scale")
                 shape = f.get_tensor(key + ".weight_shape")
                 codes = unpack_from_int32(packed, container, shape)
                 shapes.add(tuple(shape.tolist()))
                 m = LAYER.match(name)
-                row = layers[int(m.group(1)) if m else -1]
+                i = int(m.group(1)) if m else -1
+                row = layers[i]
+                bits = plan.get(str(i), {}).get("bits") or (run.get("bits", container) if not plan else container)
+                if row["tensors"] and (row["bits"], row["container_bits"]) != (bits, container):
+                    raise InputError(f"layer {i} mixes code widths across its experts ({key}): vLLM serves one per layer")
+                row.update(bits=bits, container_bits=container)
                 row["tensors"] += 1
                 row["weights"] += codes.numel()
                 row["bytes"] += packed.numel() * packed.element_size() + scale.numel() * scale.element_size()
@@ -89,6 +98,8 @@ def inspect(path: Path) -> dict:
     total = {k: sum(r[k] for r in layers.values()) for k in ("tensors", "weights", "bytes")}
     text = config.get("text_config", config)
     hidden = text["hidden_size"]
+    widths = {(r["bits"], r["container_bits"]) for r in layers.values()}
+    bits, container = max(widths) if len(widths) == 1 else ("mixed", "mixed")
     report = {"checkpoint": str(path), "bits": bits, "container_bits": container, "group_size": group,
               "layers": {i: {**r, "bits_per_weight": 8 * r["bytes"] / r["weights"]} for i, r in sorted(layers.items())},
               "quantized": {**total, "bits_per_weight": 8 * total["bytes"] / total["weights"],
@@ -119,10 +130,12 @@ def main(argv=None):
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{path}: {report['bits']}-bit codes in {report['container_bits']}-bit words, group {report['group_size']}")
-    print(f"{'layer':>6}{'tensors':>9}{'weights':>12}{'bits/weight':>13}{'max codes/group':>17}")
+    widths = "mixed widths" if report["bits"] == "mixed" else \
+        f"{report['bits']}-bit codes in {report['container_bits']}-bit words"
+    print(f"{path}: {widths}, group {report['group_size']}")
+    print(f"{'layer':>6}{'bits':>6}{'tensors':>9}{'weights':>12}{'bits/weight':>13}{'max codes/group':>17}")
     for i, r in report["layers"].items():
-        print(f"{i:>6}{r['tensors']:>9}{r['weights']:>12}{r['bits_per_weight']:>13.3f}{r['max_distinct']:>17}")
+        print(f"{i:>6}{r['bits']:>6}{r['tensors']:>9}{r['weights']:>12}{r['bits_per_weight']:>13.3f}{r['max_distinct']:>17}")
     q = report["quantized"]
     print(f"quantized: {q['tensors']} tensors, {q['weights']} weights in {q['bytes'] / 2**20:.2f} MiB = "
           f"{q['bits_per_weight']:.3f} bits/weight (codes + scales); at most {q['max_distinct']} codes per group")
@@ -135,9 +148,10 @@ def main(argv=None):
     print(f"vLLM 0.33 loads it at tensor-parallel sizes: {tp} (hidden size and each rank's share of the expert "
           f"width must be multiples of group {report['group_size']}); expert parallelism "
           "(--enable-expert-parallel) does not split the experts, so this limit does not apply to it")
-    if q["max_distinct"] > 2 ** report["bits"]:
-        raise InputError(f"a group uses {q['max_distinct']} distinct codes, more than {2 ** report['bits']} "
-                         f"for {report['bits']}-bit quantization")
+    for i, r in report["layers"].items():
+        if r["max_distinct"] > 2 ** r["bits"]:
+            raise InputError(f"a group of layer {i} uses {r['max_distinct']} distinct codes, more than {2 ** r['bits']} "
+                             f"for {r['bits']}-bit quantization")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq import acts, adapter, card, dist, experts, export, finetune, partial, plan, walk
+from gsq import acts, adapter, budget, card, dist, experts, export, finetune, partial, plan, walk
 from gsq import calib as calibration
 from gsq.config import Config
 from gsq.inspect import tensor_parallel_sizes
@@ -100,10 +100,14 @@ def run(cfg: Config) -> dict:
     gpu, host = plan.machine(cfg, device.type)
     setup = plan.Setup(plan.dimensions(source.text, model), dist.world(),
                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpu, host, dtype.itemsize)
-    memory = dist.on_writer(plan.plan, setup, cfg)  # rank 0's: every rank must group the experts alike
+    memory = dist.on_writer(plan.plan, setup, budget.widest(cfg))  # rank 0's: every rank must group the experts alike
     plan.check(memory)  # a run that cannot fit is refused here, before any work
     source.open()
     this_run = partial.identity(cfg, source.path, dist.world(), device.type)  # what a resume point is bound to
+    sizes = budget.layer_sizes(model, cfg.group_size, dtype.itemsize)
+    if cfg.bits_plan:  # the plan's widths, not its file name, are what the bytes depend on
+        this_run["widths"] = {str(i): b for i, b in budget.read_plan(cfg.bits_plan, list(sizes)).items()}
+    limit = budget.limit(cfg, source, sizes)  # a budget below what 2 bits take is refused here
     point = dist.on_writer(partial.check, cfg, source.path, this_run)  # the resume point of this same run, or None
     tokenizer = load_tokenizer(cfg.tokenizer or source.path, TOKENIZER_HINT)
     ids = note = windows = None  # the data, read and checked before anything is written
@@ -115,6 +119,13 @@ def run(cfg: Config) -> dict:
     partial_dir = dist.on_writer(partial.claim, cfg, source.path, this_run)  # held by this run from here on
     work = partial_dir / partial.WORK
     source.load_globals()
+    if point is not None:
+        allocation = point["record"].get("bits")  # the widths the interrupted run chose
+    else:
+        allocation = dist.on_writer(budget.choose, cfg, source, ids, sizes, limit)
+    widths = {int(i): row["bits"] for i, row in allocation["layers"].items()} if allocation else {}
+    if allocation and writer:
+        print(budget.describe(allocation))
     hidden, placement = source.text.hidden_size, memory.placement  # (on a CPU, "device" is host memory)
     calib = acts.Activations("calib", (cfg.num_samples, cfg.seqlen, hidden), placement, device, dtype, work)
     original = evals = None
@@ -131,7 +142,7 @@ def run(cfg: Config) -> dict:
         if writer:
             print(f"resuming {partial_dir} at layer {start} of {source.n_layers}")
     else:
-        record = {"calibration": note, "layers": [], "ppl": []}
+        record = {"calibration": note, "layers": [], "ppl": [], **({"bits": allocation} if allocation else {})}
         if windows is not None:
             record["ppl"].append({"layers_quantized": 0, "ppl": perplexity(source, evals, windows, 0)})
         if writer:
@@ -154,15 +165,16 @@ def run(cfg: Config) -> dict:
             for store in stores:
                 store.begin(i)
             final, stats = None, {"layer": i, "moe": False}
+            here = budget.at(cfg, widths, i)  # this layer's width
             if adapter.is_moe(layer):
-                final, stats = moe_layer(model, layer, i, calib, original, cfg, dtype, compute, memory.experts_per_batch)
+                final, stats = moe_layer(model, layer, i, calib, original, here, dtype, compute, memory.experts_per_batch)
                 stats["moe"] = True
                 layer_pass(model, layer, [evals] if evals else [], compute)
             else:
                 layer_pass(model, layer, stores, compute)
             if writer:
                 export.write_unit(partial_dir, export.unit_name(i), export.layer_shard(source.ckpt, arch, i, final,
-                                                                                       cfg.container), cfg.max_shard_bytes)
+                                                                                       here.container), cfg.max_shard_bytes)
             del final
         stats.update(seconds=round(time.time() - t_layer, 1), peak_rss_mb=walk.peak_rss_mb(), rss_mb=walk.current_rss_mb())
         if device.type == "cuda":
@@ -181,8 +193,8 @@ def run(cfg: Config) -> dict:
             partial.save_state(partial_dir, done, record, this_run)
 
     if cfg.finetune_scales and cfg.method == "gsq":  # part of GSQ: the baselines stay as their papers have them
-        record["finetune"], finetuned = finetune.stage(model, source.ckpt, arch, partial_dir, ids, cfg, dtype, device,
-                                                       compute)
+        record["finetune"], finetuned = finetune.stage(model, source.ckpt, arch, partial_dir, ids, cfg, widths, dtype,
+                                                       device, compute)
         if windows is not None:
             record["finetune"]["ppl"] = perplexity(source, evals, windows, 0, finetuned)
             if writer:
@@ -195,13 +207,14 @@ def run(cfg: Config) -> dict:
                       cfg.max_shard_bytes)
     config = json.loads((source.path / "config.json").read_text())
     config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
-    config["quantization_config"] = export.output_quantization(source.ckpt, arch, source.n_layers, cfg.container,
-                                                               cfg.group_size)
+    config["quantization_config"] = export.output_quantization(
+        source.ckpt, arch, source.n_layers, {i: budget.at(cfg, widths, i).container for i in sizes}, cfg.group_size)
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=walk.peak_rss_mb())
     _, inter, hidden = adapter.expert_shape(next(layer for layer in model.model.layers if adapter.is_moe(layer)))
     tp = tensor_parallel_sizes(hidden, {inter}, model.config.num_attention_heads, cfg.group_size)
     export.finish(source.path, partial_dir, out, config, {
         "gsq_config.json": cfg.to_json(), "gsq_run.json": json.dumps(record, indent=2) + "\n",
+        **({budget.FILE: json.dumps(allocation, indent=2) + "\n"} if allocation else {}),
         "README.md": card.quantized_card(source.path, config, cfg, record, tp, partial_dir)}, cfg.tokenizer)
     partial.release(out)
     print(f"wrote {out} in {record['seconds']:.0f}s, peak RSS {record['peak_rss_mb']:.0f} MB")

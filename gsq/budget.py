@@ -1,0 +1,252 @@
+"""Fit a model to a size: each MoE layer's bit width (all its routed experts share it: vLLM's fused MoE layer
+serves one scheme per layer) chosen from measured sensitivity, so that a budget is met from below and the
+predicted loss of the whole model is least.
+
+    --bits-budget B      average stored bits per routed-expert weight, scales included (2 bits at group 128: 2.125)
+    --target-size SIZE   the whole checkpoint on disk
+    --bits-plan FILE     an allocation as written beside a checkpoint (gsq_bits.json), kept or edited
+
+Sensitivity (one pass over `--sensitivity-windows` calibration windows, before the run):
+    forward the original model layer by layer, keeping each layer's input
+    sample each position's next token from the model's own distribution; g = d log p(sample) / d h
+    backward layer by layer (each layer streamed again); at MoE layer i, for each width b:
+        delta_b = MoE output with every routed expert at MSE-RTN b bits - the original MoE output
+        s_i(b) = sum over positions of (g . delta_b)^2 / (2 * positions)
+s_i(b) estimates the KL per token the layer's quantization adds (the second-order term; the expected outer
+product of the sampled gradients is the Fisher, the KL's Hessian at the original model). Then an exact
+knapsack over the layers: the least sum of s_i(b_i) with the stored bits within the budget.
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gsq import adapter, stream
+from gsq.config import WIDTH_CHOICE, derive_seed
+from gsq.errors import InputError
+from gsq.gptq import Grid, mse_scales, rtn
+
+WIDTHS = (2, 3, 4)
+FILE = "gsq_bits.json"
+
+
+def container_bits(container: int, bits: int) -> int:
+    """Bits per code as written: the code's own width (`--container 2`, dense), else the wider of the two."""
+    return bits if container == 2 else max(container, bits)
+
+
+def at(cfg, widths: dict, i: int):
+    """The settings of layer i: its width (and the container that holds it)."""
+    bits = widths.get(i, cfg.bits)
+    return dataclasses.replace(cfg, bits=bits, container=container_bits(cfg.container, bits))
+
+
+def mixed(cfg) -> bool:
+    """Whether the widths are chosen per layer (a budget or a plan) rather than one --bits for all."""
+    return any(getattr(cfg, k) for k in WIDTH_CHOICE)
+
+
+def widest(cfg):
+    """The settings the memory plan assumes: the widest width a layer may get."""
+    return at(cfg, {0: max(WIDTHS)}, 0) if mixed(cfg) else cfg
+
+
+def projection_shapes(layer) -> list:
+    """(out, in) of each routed expert projection of a MoE layer: gate, up, down, times the experts."""
+    E, inter, hidden = adapter.expert_shape(layer)
+    return [(inter, hidden), (inter, hidden), (hidden, inter)] * E
+
+
+def stored_bytes(shapes: list, bits: int, group: int, scale_bytes: int) -> int:
+    """Bytes of the quantized projections' codes (whole int32 words per row) and scales: what --bits-budget
+    counts (the int64 shape beside them and the header entries count in --target-size's rest)."""
+    return sum(out * -(-cols * bits // 32) * 4 + out * (cols // group) * scale_bytes for out, cols in shapes)
+
+
+def layer_sizes(model, group: int, scale_bytes: int) -> dict:
+    """{MoE layer: (weights, {width: stored bytes})}."""
+    sizes = {}
+    for i, layer in enumerate(model.model.layers):
+        if adapter.is_moe(layer):
+            shapes = projection_shapes(layer)
+            sizes[i] = (sum(o * c for o, c in shapes),
+                        {b: stored_bytes(shapes, container_bits(2, b), group, scale_bytes) for b in WIDTHS})
+    return sizes
+
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
+HEADER_BYTES = 96  # a safetensors header entry beyond its name: dtype, shape, offsets
+
+
+def fixed_bytes(ckpt, arch, moe_layers: set) -> int:
+    """Bytes of everything the checkpoint copies as stored (all but the routed experts of `moe_layers`),
+    header entries included."""
+    expert_parts = set()
+    for name in ckpt.keys():
+        if arch.expert_layer(name[: -len(".weight")]) in moe_layers:
+            expert_parts.update(ckpt.compressed[name][2].values() if name in ckpt.compressed else [name])
+    kept = [n for n in ckpt.files if n not in expert_parts]
+    shapes, dtypes = stream.shapes(kept, ckpt.files), stream.dtypes(kept, ckpt.files)
+    quantized = sum(16 + 3 * (len(name) + len(".weight_packed") + HEADER_BYTES) for name in ckpt.keys()
+                    if arch.expert_layer(name[: -len(".weight")]) in moe_layers)  # weight_shape, header entries
+    return quantized + sum(DTYPE_BYTES.get(dtypes[n], 1) * int(torch.Size(shapes[n]).numel()) + len(n) + HEADER_BYTES
+                           for n in kept)
+
+
+def limit(cfg, source, sizes: dict) -> tuple | None:
+    """(stored bits the routed experts may take, bytes of the rest) of --bits-budget / --target-size, else None."""
+    if not (cfg.bits_budget or cfg.target_size):
+        return None
+    fixed = fixed_bytes(source.ckpt, source.arch, set(sizes))
+    return budget_bits(cfg, sizes, fixed), fixed
+
+
+def choose(cfg, source, ids: torch.Tensor, sizes: dict, limits: tuple | None) -> dict | None:
+    """The allocation (as gsq_bits.json holds it) of --bits-plan, or measured for --bits-budget /
+    --target-size; None for one --bits everywhere."""
+    if cfg.bits_plan:
+        return record(read_plan(cfg.bits_plan, list(sizes)), sizes, None, f"--bits-plan {cfg.bits_plan}")
+    if limits is None:
+        return None
+    bits, fixed = limits
+    t0 = time.time()
+    sens = sensitivity(source, ids[: cfg.sensitivity_windows], cfg)
+    how = f"--bits-budget {cfg.bits_budget}" if cfg.bits_budget else f"--target-size {cfg.target_size}"
+    rec = record(allocate(sens, sizes, bits), sizes, sens, how)
+    rec.update(budget_bits=bits, rest_bytes=fixed, checkpoint_bytes=fixed + rec["expert_bytes"],
+               sensitivity_windows=min(cfg.sensitivity_windows, ids.shape[0]),
+               sensitivity_seconds=round(time.time() - t0, 1))
+    return rec
+
+
+def budget_bits(cfg, sizes: dict, fixed: int) -> int:
+    """The stored bits the routed experts may take, from --bits-budget or --target-size; refused when even
+    2 bits everywhere does not fit."""
+    weights = sum(n for n, _ in sizes.values())
+    least = sum(by[min(WIDTHS)] for _, by in sizes.values()) * 8
+    if cfg.bits_budget:
+        bits, what = int(cfg.bits_budget * weights), f"--bits-budget {cfg.bits_budget}"
+    else:
+        from gsq.plan import gb, parse_size
+
+        target = parse_size(cfg.target_size, "--target-size")
+        bits, what = (target - fixed) * 8, f"--target-size {cfg.target_size}"
+        if bits < least:
+            raise InputError(f"{what} is below the smallest checkpoint gsq can write: {gb(fixed + least / 8)} "
+                             f"(every routed expert at {min(WIDTHS)} bits; the rest as stored takes {gb(fixed)})")
+    if bits < least:
+        raise InputError(f"{what} is below {least / weights:.3f} bits per weight, what {min(WIDTHS)} bits everywhere "
+                         "takes (codes and scales)")
+    return bits
+
+
+def allocate(sens: dict, sizes: dict, budget: int) -> dict:
+    """{layer: width} with the least summed sensitivity whose stored bits stay within `budget` (exact: the
+    Pareto front of (bits, loss) over the layers so far, every dominated partial allocation dropped)."""
+    front = [(0, 0.0, ())]  # (bits, predicted loss, widths so far), bits ascending, loss strictly descending
+    layers = sorted(sizes)
+    for i in layers:
+        options = sorted((c + sizes[i][1][b] * 8, loss + sens[i][b], (*w, b))
+                         for c, loss, w in front for b in WIDTHS if c + sizes[i][1][b] * 8 <= budget)
+        front = []
+        for option in options:
+            if not front or option[1] < front[-1][1]:
+                front.append(option)
+    _, _, widths = front[-1]  # the least loss within the budget (the front's loss only falls as bits grow)
+    return dict(zip(layers, widths))
+
+
+def read_plan(path: str, moe_layers: list) -> dict:
+    """{layer: width} from a gsq_bits.json (as written, or edited): every MoE layer, widths from WIDTHS."""
+    try:
+        layers = json.loads(Path(path).read_text())["layers"]
+        widths = {int(i): row["bits"] if isinstance(row, dict) else row for i, row in layers.items()}
+    except FileNotFoundError:
+        raise InputError(f"--bits-plan {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"--bits-plan {path} is not a gsq_bits.json ('layers': {{layer: {{'bits': 2|3|4}}}}): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if sorted(widths) != sorted(moe_layers):
+        raise InputError(f"--bits-plan {path} lists layers {sorted(widths)}; the model's MoE layers are {sorted(moe_layers)}")
+    bad = {i: b for i, b in widths.items() if b not in WIDTHS}
+    if bad:
+        raise InputError(f"--bits-plan {path}: widths must be one of {list(WIDTHS)}, got {bad}")
+    return widths
+
+
+def record(widths: dict, sizes: dict, sens: dict | None, how: str) -> dict:
+    """The allocation as gsq_bits.json holds it."""
+    weights = sum(sizes[i][0] for i in widths)
+    stored = sum(sizes[i][1][b] for i, b in widths.items())
+    out = {"how": how, "average_bits": 8 * stored / weights, "expert_bytes": stored, "layers": {}}
+    if sens:
+        out["predicted_kl"] = sum(sens[i][b] for i, b in widths.items())
+    for i, b in sorted(widths.items()):
+        out["layers"][str(i)] = {"bits": b, "weights": sizes[i][0], "bytes": sizes[i][1][b],
+                                 **({"sensitivity": {str(w): sens[i][w] for w in WIDTHS}} if sens else {})}
+    return out
+
+
+def describe(rec: dict) -> str:
+    rows = " ".join(f"{i}:{row['bits']}" for i, row in rec["layers"].items())
+    line = f"bit widths ({rec['how']}): {rows}; {rec['average_bits']:.3f} bits per expert weight"
+    return line + (f", predicted KL {rec['predicted_kl']:.4f}" if "predicted_kl" in rec else "")
+
+
+@torch.no_grad()
+def rtn_experts(layer, bits: int, group: int, originals: list, dtype):
+    """Every routed expert of the layer replaced by its MSE-RTN weights at `bits` (from `originals`)."""
+    grid = Grid(bits)
+    for e, weights in enumerate(originals):
+        q = []
+        for W in weights:
+            s = mse_scales(W, grid, group)
+            q.append((s.repeat_interleave(group, -1) * rtn(W, s, grid).float()).to(dtype))
+        adapter.set_expert_weights(layer, e, *q)
+
+
+def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
+    """{MoE layer: {width: estimated KL per token}} on the windows `ids` (see the module docstring)."""
+    model, device, compute = source.model, source.device, source.compute
+    inputs = []  # each layer's input, on the host
+    with torch.no_grad():
+        h = adapter.embed(model, ids.to(device)).to(compute)
+        for i in range(source.n_layers):
+            inputs.append(h.cpu())
+            with source.layer(i) as layer:
+                h = layer(h, attention_mask=None, **adapter.positions(model, h))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, -2))
+    grads = []
+    for w in range(h.shape[0]):  # window by window: the logits of one window at a time
+        x = h[w : w + 1].detach().requires_grad_()
+        logp = F.log_softmax(adapter.logits(model, x).float(), -1)[0]
+        sample = torch.multinomial(logp.exp().cpu(), 1, generator=gen).to(device)
+        (g,) = torch.autograd.grad(logp.gather(-1, sample).sum(), x)
+        grads.append(g)
+    g = torch.cat(grads)
+    positions = g.shape[0] * g.shape[1]
+    sens = {}
+    for i in reversed(range(source.n_layers)):
+        with source.layer(i) as layer:
+            x = inputs.pop().to(device).requires_grad_()
+            pos = adapter.positions(model, x)
+            if adapter.is_moe(layer):
+                with torch.no_grad():
+                    r = adapter.attention_residual(layer, x, **pos)
+                    y = adapter.moe_output(layer, r)
+                    originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e))
+                                 for e in range(adapter.num_experts(layer))]
+                    sens[i] = {}
+                    for b in WIDTHS:
+                        rtn_experts(layer, b, cfg.group_size, originals, compute)
+                        delta = (adapter.moe_output(layer, r) - y).float()
+                        sens[i][b] = ((g.float() * delta).sum(-1) ** 2).sum().item() / (2 * positions)
+                    for e, weights in enumerate(originals):
+                        adapter.set_expert_weights(layer, e, *weights)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(layer(x, attention_mask=None, **pos), x, g)
+    return dict(sorted(sens.items()))
