@@ -19,7 +19,6 @@ knapsack over the layers: the least sum of s_i(b_i) with the stored bits within 
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -113,13 +112,11 @@ def choose(cfg, source, ids: torch.Tensor, sizes: dict, limits: tuple | None) ->
     if limits is None:
         return None
     bits, fixed = limits
-    t0 = time.time()
     sens = sensitivity(source, ids[: cfg.sensitivity_windows], cfg)
     how = f"--bits-budget {cfg.bits_budget}" if cfg.bits_budget else f"--target-size {cfg.target_size}"
     rec = record(allocate(sens, sizes, bits), sizes, sens, how)
     rec.update(budget_bits=bits, rest_bytes=fixed, checkpoint_bytes=fixed + rec["expert_bytes"],
-               sensitivity_windows=min(cfg.sensitivity_windows, ids.shape[0]),
-               sensitivity_seconds=round(time.time() - t0, 1))
+               sensitivity_windows=min(cfg.sensitivity_windows, ids.shape[0]))
     return rec
 
 

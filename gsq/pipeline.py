@@ -122,7 +122,9 @@ def run(cfg: Config) -> dict:
     if point is not None:
         allocation = point["record"].get("bits")  # the widths the interrupted run chose
     else:
+        t_alloc = time.time()
         allocation = dist.on_writer(budget.choose, cfg, source, ids, sizes, limit)
+        t_alloc = round(time.time() - t_alloc, 1)
     widths = {int(i): row["bits"] for i, row in allocation["layers"].items()} if allocation else {}
     if allocation and writer:
         print(budget.describe(allocation))
@@ -142,7 +144,9 @@ def run(cfg: Config) -> dict:
         if writer:
             print(f"resuming {partial_dir} at layer {start} of {source.n_layers}")
     else:
-        record = {"calibration": note, "layers": [], "ppl": [], **({"bits": allocation} if allocation else {})}
+        record = {"calibration": note, "layers": [], "ppl": []}
+        if allocation:
+            record.update(bits=allocation, bits_seconds=t_alloc)
         if windows is not None:
             record["ppl"].append({"layers_quantized": 0, "ppl": perplexity(source, evals, windows, 0)})
         if writer:

@@ -1,0 +1,111 @@
+"""Per-layer widths from a budget (gsq.budget): the knapsack is exact, the sensitivities order the widths, and a
+2-layer budget run exports one config group per width that compressed-tensors reads back, resumes to the same
+bytes, and is reproduced from its gsq_bits.json."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.utils.match import match_name
+from safetensors import safe_open
+
+from conftest import FAST, digest, kill_after_layer, quantize
+from gsq import budget
+from test_faults import one_error_line
+
+
+def brute_force(sens, sizes, limit):
+    best = None
+    for widths in itertools.product(budget.WIDTHS, repeat=len(sizes)):
+        chosen = dict(zip(sorted(sizes), widths))
+        bits = sum(sizes[i][1][b] * 8 for i, b in chosen.items())
+        loss = sum(sens[i][b] for i, b in chosen.items())
+        if bits <= limit and (best is None or loss < best[0]):
+            best = (loss, chosen)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_knapsack_is_exact(seed):
+    rng = random.Random(seed)
+    layers = rng.sample(range(12), rng.randint(1, 7))
+    sizes = {}
+    for i in layers:
+        n = rng.choice([128, 256, 384]) * 1024
+        sizes[i] = (n, {b: n * b // 8 + n // 64 for b in budget.WIDTHS})  # codes + bf16 scales at group 128
+    sens = {i: dict(zip(budget.WIDTHS, sorted((rng.random() for _ in budget.WIDTHS), reverse=True))) for i in layers}
+    weights = sum(n for n, _ in sizes.values())
+    limit = int(rng.uniform(2.125, 4.3) * weights)
+    loss, expected = brute_force(sens, sizes, limit)
+    chosen = budget.allocate(sens, sizes, limit)
+    assert sum(sens[i][b] for i, b in chosen.items()) == pytest.approx(loss, rel=1e-12)
+    assert sum(sizes[i][1][b] * 8 for i, b in chosen.items()) <= limit
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    from replicas import qwen3_moe
+
+    return qwen3_moe(tmp_path_factory.mktemp("src") / "qwen3-moe")
+
+
+def written(out):
+    """{module: (container bits, codes)} of every packed expert, read with compressed-tensors' own unpacker and the
+    config group whose targets match the module (compressed-tensors' matcher)."""
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    found = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                if name.endswith(".weight_packed"):
+                    key = name[: -len(".weight_packed")]
+                    (bits,) = [g["weights"]["num_bits"] for g in groups if any(match_name(key, t) for t in g["targets"])]
+                    shape = torch.Size(f.get_tensor(key + ".weight_shape").tolist())
+                    found[key] = (bits, unpack_from_int32(f.get_tensor(name), bits, shape))
+    return found
+
+
+def test_a_two_layer_budget_exports_reads_back_and_resumes_to_the_same_bytes(replica, tmp_path):
+    # the two MoE layers are the same size: 2.625 bits is exactly one at 3 bits and one at 2
+    flags = [*FAST, "--bits-budget", "2.625"]
+    whole = tmp_path / "whole"
+    proc = quantize("--out", str(whole), *flags, model=replica)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((whole / "gsq_bits.json").read_text())
+    layers = plan["layers"]
+    assert sorted(b["bits"] for b in layers.values()) == [2, 3] and plan["average_bits"] == pytest.approx(2.625)
+    for row in layers.values():  # more bits, less predicted loss
+        s = row["sensitivity"]
+        assert s["2"] > s["3"] > s["4"] > 0
+    # the layer at 3 bits is the one whose upgrade buys more
+    gain = {i: row["sensitivity"]["2"] - row["sensitivity"]["3"] for i, row in layers.items()}
+    assert layers[max(gain, key=gain.get)]["bits"] == 3
+    for key, (bits, codes) in written(whole).items():
+        i = key.split(".layers.")[1].split(".")[0]
+        assert bits == layers[i]["bits"]
+        assert codes.min() >= -(1 << (bits - 1)) and codes.max() < 1 << (bits - 1)
+        if bits == 3:
+            assert ((codes < -2) | (codes > 1)).any()
+
+    # killed after layer 1, resumed: the same bytes (the widths come from the resume point, not measured again)
+    out = tmp_path / "resumed"
+    proc = quantize("--out", str(out), *flags, wait=False, model=replica)
+    kill_after_layer(proc, out.with_name("resumed.partial") / ".gsq-work" / "state.json", 1)
+    resumed = quantize("--out", str(out), *flags, "--resume", model=replica)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(out) == digest(whole)
+
+    # the allocation, kept and given back: the same checkpoint; edited to one it does not fit: one line
+    again = tmp_path / "again"
+    proc = quantize("--out", str(again), *FAST, "--bits-plan", str(whole / "gsq_bits.json"), model=replica)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert [(again / s).read_bytes() for s in shards] == [(whole / s).read_bytes() for s in shards]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"0": {"bits": 5}, "1": {"bits": 2}}}))
+    one_error_line(quantize("--out", str(tmp_path / "x"), *FAST, "--bits-plan", str(bad), model=replica),
+                   f"--bits-plan {bad}: widths must be one of [2, 3, 4]")
+    assert not (tmp_path / "x.partial").exists()
