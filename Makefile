@@ -27,8 +27,9 @@ NPROC ?=
 KEEP ?= 4
 PRUNED ?= out/$(NAME)-reap$(KEEP)
 PRUNE_ARGS ?=
+BUDGET ?= 2.625
 
-.PHONY: install test-latest lock gpu-wheels gpu-check quantize prune compress eval compare prune-compare inspect test bench fixture fixture-report
+.PHONY: install test-latest lock gpu-wheels gpu-check quantize prune compress eval compare prune-compare budget-compare inspect test bench fixture fixture-report
 
 # The locked versions: the same `pip freeze` on every fresh machine. On a GPU machine install your CUDA torch
 # into the venv first and skip $(TORCH_LOCK): `make install TORCH_LOCK=`.
@@ -110,6 +111,11 @@ compare:
 # REAP vs frequency vs random pruning at KEEP experts, then REAP + GSQ next to each step alone.
 prune-compare:
 	$(PY) eval/prune_compare.py --model $(MODEL) --keep $(KEEP) $(ARGS)
+
+# Allocations of one --bits-budget side by side: gsq's, from measured sensitivity, against the same widths placed
+# first, last, alternating and at random, and uniform 2 bits; predicted vs measured KL (eval/budget_compare.py).
+budget-compare:
+	$(PY) eval/budget_compare.py --model $(MODEL) --budget $(BUDGET) $(if $(ARGS),--args "$(ARGS)")
 
 # What a quantized checkpoint holds: bits per weight per layer, codes per group, size vs the original.
 inspect:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gsq import adapter, stream
+from gsq.acts import BLOCK
 from gsq.config import WIDTH_CHOICE, derive_seed
 from gsq.errors import InputError
 from gsq.gptq import Grid, mse_scales, rtn
@@ -207,43 +208,52 @@ def rtn_experts(layer, bits: int, group: int, originals: list, dtype):
 
 
 def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
-    """{MoE layer: {width: estimated KL per token}} on the windows `ids` (see the module docstring)."""
+    """{MoE layer: {width: estimated KL per token}} on the windows `ids` (see the module docstring), a block of
+    BLOCK windows at a time."""
     model, device, compute = source.model, source.device, source.compute
-    inputs = []  # each layer's input, on the host
+    blocks = list(torch.split(ids, BLOCK))
+    inputs = []  # each layer's input, per block, on the host
     with torch.no_grad():
-        h = adapter.embed(model, ids.to(device)).to(compute)
+        h = [adapter.embed(model, b.to(device)).to(compute) for b in blocks]
         for i in range(source.n_layers):
-            inputs.append(h.cpu())
+            inputs.append([x.cpu() for x in h])
             with source.layer(i) as layer:
-                h = layer(h, attention_mask=None, **adapter.positions(model, h))
+                h = [layer(x, attention_mask=None, **adapter.positions(model, x)) for x in h]
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, -2))
     grads = []
-    for w in range(h.shape[0]):  # window by window: the logits of one window at a time
-        x = h[w : w + 1].detach().requires_grad_()
-        logp = F.log_softmax(adapter.logits(model, x).float(), -1)[0]
-        sample = torch.multinomial(logp.exp().cpu(), 1, generator=gen).to(device)
-        (g,) = torch.autograd.grad(logp.gather(-1, sample).sum(), x)
-        grads.append(g)
-    g = torch.cat(grads)
-    positions = g.shape[0] * g.shape[1]
+    for x in h:
+        g = []
+        for w in range(x.shape[0]):  # the logits of one window at a time
+            xw = x[w : w + 1].detach().requires_grad_()
+            logp = F.log_softmax(adapter.logits(model, xw).float(), -1)[0]
+            sample = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
+            g += torch.autograd.grad(logp.gather(-1, sample).sum(), xw)
+        grads.append(torch.cat(g))
+    positions = ids.numel()
     sens = {}
     for i in reversed(range(source.n_layers)):
         with source.layer(i) as layer:
-            x = inputs.pop().to(device).requires_grad_()
-            pos = adapter.positions(model, x)
+            xs = [x.to(device).requires_grad_() for x in inputs.pop()]
             if adapter.is_moe(layer):
-                with torch.no_grad():
-                    r = adapter.attention_residual(layer, x, **pos)
-                    y = adapter.moe_output(layer, r)
-                    originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e))
-                                 for e in range(adapter.num_experts(layer))]
-                    sens[i] = {}
-                    for b in WIDTHS:
-                        rtn_experts(layer, b, cfg.group_size, originals, compute)
-                        delta = (adapter.moe_output(layer, r) - y).float()
-                        sens[i][b] = ((g.float() * delta).sum(-1) ** 2).sum().item() / (2 * positions)
-                    for e, weights in enumerate(originals):
-                        adapter.set_expert_weights(layer, e, *weights)
+                sens[i] = moe_sensitivity(model, layer, xs, grads, cfg.group_size, compute, positions)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(layer(x, attention_mask=None, **pos), x, g)
+                grads = [torch.autograd.grad(layer(x, attention_mask=None, **adapter.positions(model, x)), x, g)[0]
+                         for x, g in zip(xs, grads)]
     return dict(sorted(sens.items()))
+
+
+@torch.no_grad()
+def moe_sensitivity(model, layer, xs: list, grads: list, group: int, dtype, positions: int) -> dict:
+    """{width: sum of (g . delta)^2 / (2 positions)}: delta the change of the layer's output when every routed
+    expert is at MSE-RTN `width` bits, g the gradient there, over the blocks `xs` (the layer's inputs)."""
+    residuals = [adapter.attention_residual(layer, x, **adapter.positions(model, x)) for x in xs]
+    outputs = [adapter.moe_output(layer, r) for r in residuals]
+    originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e)) for e in range(adapter.num_experts(layer))]
+    sens = {}
+    for b in WIDTHS:
+        rtn_experts(layer, b, group, originals, dtype)
+        sens[b] = sum(((g.float() * (adapter.moe_output(layer, r) - y).float()).sum(-1) ** 2).sum().item()
+                      for r, y, g in zip(residuals, outputs, grads)) / (2 * positions)
+    for e, weights in enumerate(originals):
+        adapter.set_expert_weights(layer, e, *weights)
+    return sens

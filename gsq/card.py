@@ -72,23 +72,36 @@ def quantized_card(src: Path, config: dict, cfg, record: dict, tp: list, shards:
     """The card of a gsq.quantize output, whose shards are still in `shards` (OUT.partial)."""
     bpw = cfg.bits + 16 / cfg.group_size
     stored = cfg.container + 16 / cfg.group_size
+    codes = ",".join(map(str, range(-(1 << (cfg.bits - 1)), 1 << (cfg.bits - 1))))
+    levels = f"levels {{{codes}}} x a signed scale per {cfg.group_size} inputs"
+    width, grid = f"{cfg.bits} bits", f"{levels} ({bpw:.3f} bits per weight, stored in {cfg.container}-bit words: {stored:.3f})"
+    serving = f"The\n{cfg.container}-bit container is served by " + (
+        "vLLM's Humming MoE kernels (its humming-kernels dependency)" if cfg.container < 4 else
+        "Humming on Hopper, Marlin elsewhere")
+    if "bits" in record:  # a width per layer (--bits-budget, --target-size, --bits-plan)
+        alloc = record["bits"]
+        counts = {b: sum(row["bits"] == b for row in alloc["layers"].values()) for b in (2, 3, 4)}
+        width = f"{alloc['average_bits']:.3f} bits per weight on average"
+        grid = (", ".join(f"{n} layer(s) at {b} bits" for b, n in counts.items() if n) + f" ({alloc['how']}; "
+                f"per layer in `gsq_bits.json`), a signed scale per {cfg.group_size} inputs: {width}")
+        serving = "Each\nlayer is served at its own width by vLLM's Humming MoE kernels (the only ones for 2 and 3 bits)"
     steps = "\n".join(f"| {p['layers_quantized']} | {p['ppl']:.3f} |" for p in record.get("ppl", []))
     if "ppl" in record.get("finetune", {}):
         steps += f"\n| all + scale fine-tune | {record['finetune']['ppl']:.3f} |"
     method = {"gsq": "GSQ (Gumbel-Softmax quantization, arXiv 2604.18556), GPTQ-initialised",
               "gptq": "GPTQ", "rtn": "round-to-nearest"}[cfg.method]
     tpl = ", ".join(map(str, tp)) or "none (expert parallelism only)"
-    return f"""{front_matter(src, ["gsq", "compressed-tensors", f"{cfg.bits}-bit", "mixture-of-experts"])}
-# {src.resolve().name}, routed experts at {cfg.bits} bits (gsq)
+    tag = "mixed-precision" if "bits" in record else f"{cfg.bits}-bit"
+    return f"""{front_matter(src, ["gsq", "compressed-tensors", tag, "mixture-of-experts"])}
+# {src.resolve().name}, routed experts at {width} (gsq)
 
-{src.resolve().name} with every routed expert's gate, up and down projection quantized to {cfg.bits} bits by
+{src.resolve().name} with every routed expert's gate, up and down projection quantized to {width} by
 {method}, written by gsq as a compressed-tensors `pack-quantized` checkpoint.
 
 | | |
 |---|---|
 | quantized | the routed experts of {len([layer for layer in record['layers'] if layer.get('moe')])} MoE layers: \
-levels {{-2,-1,0,1}} x a signed scale per {cfg.group_size} inputs ({bpw:.3f} bits per weight, stored in \
-{cfg.container}-bit words: {stored:.3f}) |
+{grid} |
 | kept as the source stores them | attention, routers, shared experts, dense layers, embeddings, LM head |
 | calibration | {record.get('calibration', f"{cfg.num_samples} x {cfg.seqlen} tokens of {cfg.dataset}")} |
 | GSQ settings | {cfg.epochs:g} epochs, batch {cfg.batch_size}, token weights {cfg.token_weights}, \
@@ -118,9 +131,8 @@ WikiText-2 test windows, the first N layers quantized and the rest original (`gs
 ```
 
 vLLM 0.33 loads it at tensor-parallel sizes {tpl} (each rank's share of the expert width must be a multiple of
-{cfg.group_size}); expert parallelism (`--enable-expert-parallel`) does not split the experts. The
-{cfg.container}-bit container is served by {"vLLM's Humming MoE kernels (its humming-kernels dependency)"
-if cfg.container == 2 else "Humming on Hopper, Marlin elsewhere"}. transformers loads it too (dequantized,
+{cfg.group_size}); expert parallelism (`--enable-expert-parallel`) does not split the experts. {serving}. \
+transformers loads it too (dequantized,
 with compressed-tensors installed).
 """
 

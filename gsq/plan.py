@@ -30,6 +30,10 @@ float32 on a CPU):
   initial, factor, gradient, Adam's moments), the rank's share of a minibatch's states at every layer's
   input and at the top, one layer's dequantized experts and their gradients, a layer pass with autograd
   (3 x the allowance), and 4 copies of CHUNK tokens' logits;
+- `--bits-budget` / `--target-size`: the sensitivity pass (gsq.budget) on rank 0, before the run: every layer's
+  input for its W windows on the host ((layers + 1) x W x S x H x c), and a phase on the device: a block of
+  windows through one layer with autograd (3 x the allowance), their gradients and outputs, one window's
+  logits (3 x S x vocab x 4), the layer's original experts copied (3 x E x H x I x c);
 - on disk: the resume point, the rank's layer inputs (on disk, also the next layer's being written).
 The device holds all of that but the phases, and the largest of the phases (layer pass, init,
 training, fine-tune), which never overlap; a host holds that for each of its ranks. Everything is usable up to
@@ -117,7 +121,7 @@ def dimensions(tcfg, model) -> dict:
                 global_params=sum(t.numel() for n, t in model.state_dict().items() if ".layers." not in n))
 
 
-PHASES = ("layer pass", "GPTQ init", "GSQ training", "scale fine-tune")
+PHASES = ("layer pass", "GPTQ init", "GSQ training", "scale fine-tune", "sensitivity pass")
 
 
 def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
@@ -150,6 +154,11 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
                "gradients and logits)"] = (weights + weights // cfg.group_size * 4 * 5 + (m["layers"] + 2) * kept
                                            + 2 * E * expert * c + 3 * acts.BLOCK * S * PASS_ALLOWANCE * H * c
                                            + 4 * finetune.CHUNK * m["vocab"] * 4)
+    sensitivity_windows = min(cfg.sensitivity_windows, cfg.num_samples) if cfg.bits_budget or cfg.target_size else 0
+    if sensitivity_windows:
+        block = min(acts.BLOCK, sensitivity_windows) * S * H * c
+        phases["sensitivity pass (a block through a layer with autograd; logits; experts copied)"] = (block * (3 * PASS_ALLOWANCE + 2) + 2 * sensitivity_windows * S * H * c
+                                             + 3 * S * m["vocab"] * 4 + E * expert * c)
     layer, outside = m["layer_params"] * c, m["global_params"] * c
     items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
              "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),
@@ -158,6 +167,9 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     column[{"device": 1 if s.cpu else 0, "host": 1, "disk": 2}[placement]] = inputs
     items[f"layer inputs: {windows} + {eval_windows} windows, on {placement}"] = tuple(column)
     items["resume point (and, on disk, the next layer's inputs)"] = (0, 0, inputs)
+    if sensitivity_windows:
+        items[f"sensitivity pass: every layer's input, {sensitivity_windows} windows (rank 0's, per rank)"] = (
+            0, (m["layers"] + 1) * sensitivity_windows * S * H * c // s.ranks_per_host, 0)  # rank 0 only
     scratch = eval_windows * cfg.eval_seqlen * H * d  # the perplexity watch runs the rest of the model on a copy
     items["perplexity-watch copy of its windows"] = (scratch, 0, 0) if placement == "device" and not s.cpu \
         else (0, scratch, 0)
@@ -283,7 +295,23 @@ def describe(p: Plan, cfg) -> str:
         lines.append(f"{'GPU' if where == 'gpu' else 'host'} peak{per}: {gb(need)} of {gb(usable)} usable")
     lines.append(f"fits: layer inputs on {p.placement}, {p.experts_per_batch} experts per batch" if p.fits
                  else p.why)
+    if cfg.bits_budget or cfg.target_size:
+        lines.append(sensitivity_cost(p, cfg))
     return "\n".join(lines)
+
+
+def sensitivity_cost(p: Plan, cfg) -> str:
+    """What the sensitivity pass of --bits-budget / --target-size costs beside the run, in work on tokens: a
+    forward, a backward with the layers recomputed (about 3 forwards) and three MoE passes (one per width), on
+    W windows, against the run's one forward over the calibration windows and GSQ's training (each step runs
+    every expert forward and backward on its tokens: about 3 forwards of the MoE layers per minibatch)."""
+    m, W = p.setup.model, min(cfg.sensitivity_windows, cfg.num_samples)
+    sens = 7 * W
+    run = cfg.num_samples + 3 * p.steps * cfg.batch_size
+    searches = 3 * m["moe_layers"] * m["experts"] * 3 * m["hidden"] * m["inter"] * cfg.scale_grid
+    return (f"sensitivity pass: {W} windows x {cfg.seqlen} tokens, about {sens} window-passes of the model against "
+            f"the run's {run} ({100 * sens / run:.1f}%), plus MSE-RTN of every expert at 2, 3 and 4 bits "
+            f"({searches:.2g} elementwise operations)")
 
 
 def check(p: Plan):

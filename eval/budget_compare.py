@@ -1,0 +1,117 @@
+"""Allocations of one bit budget, side by side: gsq's (from measured sensitivity) against fixed and random ones.
+
+    python eval/budget_compare.py --model models/tiny-deepseek-v3 [--budget 2.625] [--args "--method gsq"]
+
+Runs `gsq.quantize --bits-budget B` (its gsq_bits.json holds each MoE layer's sensitivities and the chosen
+widths), then the same number of layers at each width placed otherwise, given back as `--bits-plan`: the first
+layers, the last layers, alternating, and two seeded random placements; and uniform 2 bits. Each checkpoint
+is evaluated against the original (eval/compare.py: KL, top-1, perplexity on WikiText-2 test windows). The
+table holds each allocation's predicted KL (the sum of its layers' sensitivities) beside the measured one, and
+the rank agreement of the two (Spearman) checks the predictor. JSON record and table under eval/results/.
+"""
+
+import argparse
+import json
+import random
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from compare import run_one
+from local_data import ROOT, TINY, WIKI_TEST
+
+
+def placements(chosen: dict, seeds=(0, 1)) -> dict:
+    """Allocations with the chosen one's widths (as a multiset) placed otherwise: {name: {layer: bits}}."""
+    layers = sorted(chosen)
+    widths = sorted(chosen.values(), reverse=True)  # widest first
+    ordered = {"first layers wide": widths, "last layers wide": widths[::-1],
+               "alternating": [widths[(k // 2) if k % 2 == 0 else len(widths) - 1 - k // 2] for k in range(len(widths))]}
+    for seed in seeds:
+        shuffled = list(widths)
+        random.Random(seed).shuffle(shuffled)
+        ordered[f"random (seed {seed})"] = shuffled
+    return {name: dict(zip(layers, w)) for name, w in ordered.items()}
+
+
+def spearman(a: list, b: list) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda k: x[k])
+        r = [0.0] * len(x)
+        for position, k in enumerate(order):
+            r[k] = float(position)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def table(runs: dict) -> str:
+    lines = ["| allocation | widths (layer:bits) | bits/weight | predicted KL | KL to original | top-1 | perplexity |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        widths = " ".join(f"{i}:{b}" for i, b in sorted(r["widths"].items(), key=lambda x: int(x[0])))
+        lines.append(f"| {name} | {widths} | {r['average_bits']:.3f} | {r['predicted_kl']:.4f} | {r['kl']:.4f} | "
+                     f"{100 * r['top1']:.2f}% | {r['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
+    ap.add_argument("--budget", type=float, default=2.625, help="--bits-budget of gsq's allocation")
+    ap.add_argument("--args", default="--method gsq", help="further gsq.quantize flags of every run")
+    ap.add_argument("--data-file", default=str(WIKI_TEST))
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=800)
+    ap.add_argument("--work", default="out/budget-compare", help="where the checkpoints are written")
+    ap.add_argument("--record", help="JSON record (default eval/results/<model>-budget-<budget>-<date>.json)")
+    ap.add_argument("--quiet", action="store_true", help="hide the quantize runs' output")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    runs = {"gsq allocation": run_one("chosen", f"--bits-budget {args.budget} {args.args}", args)}
+    plan = json.loads((work / "chosen" / "gsq_bits.json").read_text())
+    sens = {int(i): {int(b): s for b, s in row["sensitivity"].items()} for i, row in plan["layers"].items()}
+    sizes = {int(i): row["weights"] for i, row in plan["layers"].items()}
+    chosen = {int(i): row["bits"] for i, row in plan["layers"].items()}
+    runs["gsq allocation"].update(widths=chosen, average_bits=plan["average_bits"], predicted_kl=plan["predicted_kl"])
+    others = {**placements(chosen), "uniform 2-bit": dict.fromkeys(chosen, 2)}
+    for name, widths in others.items():
+        file = work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.json"
+        file.write_text(json.dumps({"layers": {str(i): {"bits": b} for i, b in widths.items()}}))
+        runs[name] = run_one(file.stem, f"--bits-plan {file} {args.args}", args)
+        stored = json.loads((work / file.stem / "gsq_bits.json").read_text())
+        runs[name].update(widths=widths, average_bits=stored["average_bits"],
+                          predicted_kl=sum(sens[i][b] for i, b in widths.items()))
+    same = [n for n in runs if n != "uniform 2-bit"]
+    rank = spearman([runs[n]["predicted_kl"] for n in runs], [runs[n]["kl"] for n in runs])
+    best_other = min(runs[n]["kl"] for n in same if n != "gsq allocation")
+    summary = {"spearman_predicted_vs_measured": rank,
+               "kl_over_best_other_allocation": runs["gsq allocation"]["kl"] / best_other,
+               "kl_over_uniform_2bit": runs["gsq allocation"]["kl"] / runs["uniform 2-bit"]["kl"]}
+    text = table(runs) + (f"\n\nSpearman rank correlation of predicted and measured KL: {rank:.2f}; gsq's allocation: "
+                          f"{summary['kl_over_best_other_allocation']:.2f}x the best other allocation's KL, "
+                          f"{summary['kl_over_uniform_2bit']:.2f}x uniform 2-bit's.\n")
+    print(text)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    record = {"date": date.today().isoformat(), "commit": commit, "model": args.model, "budget": args.budget,
+              "args": args.args, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+              "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows},
+              "weights_per_layer": sizes, "summary": summary,
+              "runs": {n: {**r, "widths": {str(i): b for i, b in r["widths"].items()}} for n, r in runs.items()}}
+    path = Path(args.record or f"eval/results/{Path(args.model).name}-budget-{args.budget}-{date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(text)
+    print(f"recorded {path} and its table (.md)")
+
+
+if __name__ == "__main__":
+    main()
