@@ -78,7 +78,10 @@ def quantized_card(src: Path, config: dict, cfg, record: dict, tp: list, shards:
     serving = f"The\n{cfg.container}-bit container is served by " + (
         "vLLM's Humming MoE kernels (its humming-kernels dependency)" if cfg.container < 4 else
         "Humming on Hopper, Marlin elsewhere")
+    loads = "transformers loads it too (dequantized,\nwith compressed-tensors installed)"
     if "bits" in record:  # a width per layer (--bits-budget, --target-size, --bits-plan)
+        loads = ("transformers (5.25) decodes every layer's experts with one width, so it misreads this "
+                 "checkpoint;\n`python -m gsq.eval` reads it with gsq's own streaming reader")
         alloc = record["bits"]
         counts = {b: sum(row["bits"] == b for row in alloc["layers"].values()) for b in (2, 3, 4)}
         width = f"{alloc['average_bits']:.3f} bits per weight on average"
@@ -132,8 +135,7 @@ WikiText-2 test windows, the first N layers quantized and the rest original (`gs
 
 vLLM 0.33 loads it at tensor-parallel sizes {tpl} (each rank's share of the expert width must be a multiple of
 {cfg.group_size}); expert parallelism (`--enable-expert-parallel`) does not split the experts. {serving}. \
-transformers loads it too (dequantized,
-with compressed-tensors installed).
+{loads}.
 """
 
 

@@ -172,14 +172,18 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", tokenizer: s
 
         # loaded on the CPU, where transformers >= 5.25 would fetch MXFP4 kernels from the Hub: decode to bf16
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    try:
-        model = auto.from_pretrained(root, dtype=torch_dtype, **extra).to(device).eval()
-    except (OSError, ValueError) as exc:  # no or unreadable weights
-        raise InputError(f"cannot load the model in {path}: {first_line(exc)}") from exc
-    except RuntimeError as exc:  # transformers' own loader fails on it (its weight conversions)
-        model, why = None, exc
+    widths = expert_widths(getattr(config, "quantization_config", None) or {})
+    if len(widths) > 1:  # transformers (5.25) decodes every layer's experts with one config group's width
+        model, why = None, f"its experts have widths {sorted(widths)} by layer, and transformers decodes them with one"
     else:
-        why = fails(model, device)
+        try:
+            model = auto.from_pretrained(root, dtype=torch_dtype, **extra).to(device).eval()
+        except (OSError, ValueError) as exc:  # no or unreadable weights
+            raise InputError(f"cannot load the model in {path}: {first_line(exc)}") from exc
+        except RuntimeError as exc:  # transformers' own loader fails on it (its weight conversions)
+            model, why = None, exc
+        else:
+            why = fails(model, device)
     if why is not None:  # a loader can accept a checkpoint its forward cannot run (its kernels, its shapes)
         from gsq import adapter, stream
 
@@ -192,6 +196,13 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", tokenizer: s
         if why is not None:
             raise InputError(f"cannot run the model in {path}: {first_line(why)}") from why
     return model, words
+
+
+def expert_widths(qc: dict) -> set:
+    """The bit widths of a compressed-tensors config's integer pack-quantized groups (one per width in a
+    --bits-budget checkpoint)."""
+    return {g["weights"]["num_bits"] for g in (qc.get("config_groups") or {}).values()
+            if (g.get("weights") or {}).get("type") == "int" and (g.get("format") or qc.get("format")) == "pack-quantized"}
 
 
 # what transformers reads a tokenizer from (one of them is enough)

@@ -5,6 +5,8 @@ bytes, and is reproduced from its gsq_bits.json."""
 import itertools
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
 
-from conftest import FAST, digest, kill_after_layer, quantize
+from conftest import FAST, ROOT, WIKI_TEST, digest, kill_after_layer, quantize
 from gsq import budget
 from test_faults import one_error_line
 
@@ -89,6 +91,15 @@ def test_a_two_layer_budget_exports_reads_back_and_resumes_to_the_same_bytes(rep
         assert codes.min() >= -(1 << (bits - 1)) and codes.max() < 1 << (bits - 1)
         if bits == 3:
             assert ((codes < -2) | (codes > 1)).any()
+
+    # gsq.eval reads each layer at its width: the perplexity the run measured on its in-memory model
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(whole), "--no-card", "--data-file",
+                           str(WIKI_TEST), "--seqlen", "128", "--max-windows", "4", "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "gsq's own streaming reader" in proc.stderr, proc.stderr[-2000:]
+    run = json.loads((whole / "gsq_run.json").read_text())
+    in_run = run["finetune"]["ppl"] if "ppl" in run.get("finetune", {}) else run["ppl"][-1]["ppl"]
+    assert json.loads(proc.stdout)["ppl"] == pytest.approx(in_run, rel=1e-3)
 
     # killed after layer 1, resumed: the same bytes (the widths come from the resume point, not measured again)
     out = tmp_path / "resumed"
