@@ -67,6 +67,11 @@ def stored_bytes(shapes: list, bits: int, group: int, scale_bytes: int) -> int:
     return sum(out * -(-cols * bits // 32) * 4 + out * (cols // group) * scale_bytes for out, cols in shapes)
 
 
+def scale_bytes(cfg, dtype) -> int:
+    """Bytes per stored scale: GSQ rounds its scales to the model dtype; the GPTQ and RTN baselines keep float32."""
+    return dtype.itemsize if cfg.method == "gsq" else 4
+
+
 def layer_sizes(model, group: int, scale_bytes: int) -> dict:
     """{MoE layer: (weights, {width: stored bytes})}."""
     sizes = {}
@@ -79,7 +84,7 @@ def layer_sizes(model, group: int, scale_bytes: int) -> dict:
 
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
-HEADER_BYTES = 96  # a safetensors header entry beyond its name: dtype, shape, offsets
+HEADER_BYTES = 80  # a safetensors header entry beyond its name: dtype, shape, offsets (about 75)
 
 
 def fixed_bytes(ckpt, arch, moe_layers: set) -> int:

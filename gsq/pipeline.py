@@ -104,7 +104,7 @@ def run(cfg: Config) -> dict:
     plan.check(memory)  # a run that cannot fit is refused here, before any work
     source.open()
     this_run = partial.identity(cfg, source.path, dist.world(), device.type)  # what a resume point is bound to
-    sizes = budget.layer_sizes(model, cfg.group_size, dtype.itemsize)
+    sizes = budget.layer_sizes(model, cfg.group_size, budget.scale_bytes(cfg, dtype))
     if cfg.bits_plan:  # the plan's widths, not its file name, are what the bytes depend on
         this_run["widths"] = {str(i): b for i, b in budget.read_plan(cfg.bits_plan, list(sizes)).items()}
     limit = budget.limit(cfg, source, sizes)  # a budget below what 2 bits take is refused here

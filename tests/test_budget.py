@@ -120,3 +120,20 @@ def test_a_two_layer_budget_exports_reads_back_and_resumes_to_the_same_bytes(rep
     one_error_line(quantize("--out", str(tmp_path / "x"), *FAST, "--bits-plan", str(bad), model=replica),
                    f"--bits-plan {bad}: widths must be one of [2, 3, 4]")
     assert not (tmp_path / "x.partial").exists()
+
+
+def test_a_target_size_lands_within_one_percent_below(replica, tmp_path):
+    # the size of a checkpoint with layer 0 at 3 bits and layer 1 at 2 (RTN: seconds), then that size + 0.5% as
+    # --target-size: the same widths, on disk within 1% below the target
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": {"0": {"bits": 3}, "1": {"bits": 2}}}))
+    flags = [*FAST, "--method", "rtn", "--eval-every", "0"]
+    proc = quantize("--out", str(tmp_path / "a"), *flags, "--bits-plan", str(plan), model=replica)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size = sum(p.stat().st_size for p in (tmp_path / "a").glob("*.safetensors"))
+    target = int(size * 1.005)
+    proc = quantize("--out", str(tmp_path / "b"), *flags, "--target-size", f"{target}B", model=replica)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = sum(p.stat().st_size for p in (tmp_path / "b").glob("*.safetensors"))
+    widths = {i: row["bits"] for i, row in json.loads((tmp_path / "b" / "gsq_bits.json").read_text())["layers"].items()}
+    assert 0.99 * target <= got <= target and sorted(widths.values()) == [2, 3], (got, target, widths)
