@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from compare import run_one
+from gsq import budget
 from local_data import ROOT, TINY, WIKI_TEST
 
 
@@ -89,7 +90,7 @@ def main():
         runs[name] = run_one(file.stem, f"--bits-plan {file} {args.args}", args)
         stored = json.loads((work / file.stem / "gsq_bits.json").read_text())
         runs[name].update(widths=widths, average_bits=stored["average_bits"],
-                          predicted_kl=sum(sens[i][b] for i, b in widths.items()))
+                          predicted_kl=budget.predicted(sens, widths))
     same = [n for n in runs if n != "uniform 2-bit"]
     rank = spearman([runs[n]["predicted_kl"] for n in runs], [runs[n]["kl"] for n in runs])
     best_other = min(runs[n]["kl"] for n in same if n != "gsq allocation")

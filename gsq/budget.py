@@ -6,15 +6,17 @@ predicted loss of the whole model is least.
     --target-size SIZE   the whole checkpoint on disk
     --bits-plan FILE     an allocation as written beside a checkpoint (gsq_bits.json), kept or edited
 
-Sensitivity (one pass over `--sensitivity-windows` calibration windows, before the run):
-    forward the original model layer by layer, keeping each layer's input
-    sample each position's next token from the model's own distribution; g = d log p(sample) / d h
-    backward layer by layer (each layer streamed again); at MoE layer i, for each width b:
-        delta_b = MoE output with every routed expert at MSE-RTN b bits - the original MoE output
-        s_i(b) = sum over positions of (g . delta_b)^2 / (2 * positions)
-s_i(b) estimates the KL per token the layer's quantization adds (the second-order term; the expected outer
-product of the sampled gradients is the Fisher, the KL's Hessian at the original model). Then an exact
-knapsack over the layers: the least sum of s_i(b_i) with the stored bits within the budget.
+Sensitivity (one pass over `--sensitivity-windows` calibration windows, before the run), measured where the
+choice is made: in the model with every MoE layer at the narrowest width. Layer by layer, it carries
+    the original model's states (the reference),
+    the states with every MoE layer's routed experts at MSE-RTN 2 bits (the base),
+    for each MoE layer i and wider width b: the base up to layer i, layer i at b bits, the rest at 2 bits;
+then s_i(b) = KL(original || that model) per token, s_i(2) the base's: the loss of the model when only layer i
+is wider. Errors of the layers compound (the sum of each layer's KL alone falls well short of the KL of all of
+them together), so each layer's gain is measured in the company it will have. The predicted KL of an
+allocation is the base's minus the gains s_i(2) - s_i(b_i), and an exact knapsack over the layers finds the
+least within the budget. The wider models are split over the ranks (each carries the reference, the base and
+its share), their KLs gathered, and every rank chooses alike.
 """
 
 import dataclasses
@@ -24,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gsq import adapter, stream
+from gsq import adapter, dist, stream
 from gsq.acts import BLOCK
-from gsq.config import WIDTH_CHOICE, derive_seed
+from gsq.config import WIDTH_CHOICE
 from gsq.errors import InputError
 from gsq.gptq import Grid, mse_scales, rtn
 
@@ -187,11 +189,17 @@ def record(widths: dict, sizes: dict, sens: dict | None, how: str) -> dict:
     stored = sum(sizes[i][1][b] for i, b in widths.items())
     out = {"how": how, "average_bits": 8 * stored / weights, "expert_bytes": stored, "layers": {}}
     if sens:
-        out["predicted_kl"] = sum(sens[i][b] for i, b in widths.items())
+        out["predicted_kl"] = predicted(sens, widths)
     for i, b in sorted(widths.items()):
         out["layers"][str(i)] = {"bits": b, "weights": sizes[i][0], "bytes": sizes[i][1][b],
                                  **({"sensitivity": {str(w): sens[i][w] for w in WIDTHS}} if sens else {})}
     return out
+
+
+def predicted(sens: dict, widths: dict) -> float:
+    """The predicted KL of an allocation: the narrowest model's, less each wider layer's measured gain."""
+    narrowest = next(iter(sens.values()))[min(WIDTHS)]
+    return narrowest - sum(sens[i][min(WIDTHS)] - sens[i][b] for i, b in widths.items())
 
 
 def describe(rec: dict) -> str:
@@ -213,52 +221,55 @@ def rtn_experts(layer, bits: int, group: int, originals: list, dtype):
 
 
 def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
-    """{MoE layer: {width: estimated KL per token}} on the windows `ids` (see the module docstring), a block of
-    BLOCK windows at a time."""
+    """{MoE layer: {width: KL per token of the model with that layer at the width, every other MoE layer at
+    2 bits}} on the windows `ids` (see the module docstring); this rank measures its share of the layers."""
     model, device, compute = source.model, source.device, source.compute
+    narrow, wider = min(WIDTHS), [b for b in WIDTHS if b != min(WIDTHS)]
+    moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
+    mine = [(i, b) for i in moe for b in wider][dist.rank() :: dist.world()]
     blocks = list(torch.split(ids, BLOCK))
-    inputs = []  # each layer's input, per block, on the host
     with torch.no_grad():
-        h = [adapter.embed(model, b.to(device)).to(compute) for b in blocks]
-        for i in range(source.n_layers):
-            inputs.append([x.cpu() for x in h])
-            with source.layer(i) as layer:
-                h = [layer(x, attention_mask=None, **adapter.positions(model, x)) for x in h]
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, -2))
-    grads = []
-    for x in h:
-        g = []
-        for w in range(x.shape[0]):  # the logits of one window at a time
-            xw = x[w : w + 1].detach().requires_grad_()
-            logp = F.log_softmax(adapter.logits(model, xw).float(), -1)[0]
-            sample = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
-            g += torch.autograd.grad(logp.gather(-1, sample).sum(), xw)
-        grads.append(torch.cat(g))
-    positions = ids.numel()
-    sens = {}
-    for i in reversed(range(source.n_layers)):
+        x = [adapter.embed(model, b.to(device)).to(compute).cpu() for b in blocks]
+    states = {"original": x, narrow: x}  # on the host: each model's states at the current layer's input
+    for i in range(source.n_layers):
         with source.layer(i) as layer:
-            xs = [x.to(device).requires_grad_() for x in inputs.pop()]
-            if adapter.is_moe(layer):
-                sens[i] = moe_sensitivity(model, layer, xs, grads, cfg.group_size, compute, positions)
-            with torch.enable_grad():
-                grads = [torch.autograd.grad(layer(x, attention_mask=None, **adapter.positions(model, x)), x, g)[0]
-                         for x, g in zip(xs, grads)]
-    return dict(sorted(sens.items()))
+            if i in moe:
+                originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e))
+                             for e in range(adapter.num_experts(layer))]
+                states["original"] = through(model, layer, states["original"], device)
+                for b in [b for j, b in mine if j == i]:  # the wider models that start here, from the base's states
+                    rtn_experts(layer, b, cfg.group_size, originals, compute)
+                    states[i, b] = through(model, layer, states[narrow], device)
+                rtn_experts(layer, narrow, cfg.group_size, originals, compute)
+                for key in [narrow, *(k for k in mine if k[0] < i)]:
+                    states[key] = through(model, layer, states[key], device)
+            else:
+                for key in states:
+                    states[key] = through(model, layer, states[key], device)
+    reference = states.pop("original")
+    kls = {key: divergence(model, reference, h, device, compute) / ids.numel() for key, h in states.items()
+           if key in mine or (key == narrow and dist.is_writer())}
+    kls = dist.gather(kls)
+    return {i: {b: kls[narrow] if b == narrow else kls[i, b] for b in WIDTHS} for i in moe}
 
 
 @torch.no_grad()
-def moe_sensitivity(model, layer, xs: list, grads: list, group: int, dtype, positions: int) -> dict:
-    """{width: sum of (g . delta)^2 / (2 positions)}: delta the change of the layer's output when every routed
-    expert is at MSE-RTN `width` bits, g the gradient there, over the blocks `xs` (the layer's inputs)."""
-    residuals = [adapter.attention_residual(layer, x, **adapter.positions(model, x)) for x in xs]
-    outputs = [adapter.moe_output(layer, r) for r in residuals]
-    originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e)) for e in range(adapter.num_experts(layer))]
-    sens = {}
-    for b in WIDTHS:
-        rtn_experts(layer, b, group, originals, dtype)
-        sens[b] = sum(((g.float() * (adapter.moe_output(layer, r) - y).float()).sum(-1) ** 2).sum().item()
-                      for r, y, g in zip(residuals, outputs, grads)) / (2 * positions)
-    for e, weights in enumerate(originals):
-        adapter.set_expert_weights(layer, e, *weights)
-    return sens
+def through(model, layer, blocks: list, device) -> list:
+    """The layer's outputs for the blocks of states (kept on the host)."""
+    out = []
+    for x in blocks:
+        x = x.to(device)
+        out.append(layer(x, attention_mask=None, **adapter.positions(model, x)).cpu())
+    return out
+
+
+@torch.no_grad()
+def divergence(model, reference: list, states: list, device, compute) -> float:
+    """Summed KL(reference model || this one) over the positions, from their last states, one window at a time."""
+    total = 0.0
+    for r, h in zip(reference, states):
+        for w in range(r.shape[0]):
+            p = F.log_softmax(adapter.logits(model, r[w].to(device, compute)).float(), -1)
+            q = F.log_softmax(adapter.logits(model, h[w].to(device, compute)).float(), -1)
+            total += (p.exp() * (p - q)).sum().item()
+    return total

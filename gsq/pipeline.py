@@ -123,7 +123,7 @@ def run(cfg: Config) -> dict:
         allocation = point["record"].get("bits")  # the widths the interrupted run chose
     else:
         t_alloc = time.time()
-        allocation = dist.on_writer(budget.choose, cfg, source, ids, sizes, limit)
+        allocation = budget.choose(cfg, source, ids, sizes, limit)  # every rank measures its share
         t_alloc = round(time.time() - t_alloc, 1)
     widths = {int(i): row["bits"] for i, row in allocation["layers"].items()} if allocation else {}
     if allocation and writer:

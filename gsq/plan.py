@@ -30,10 +30,11 @@ float32 on a CPU):
   initial, factor, gradient, Adam's moments), the rank's share of a minibatch's states at every layer's
   input and at the top, one layer's dequantized experts and their gradients, a layer pass with autograd
   (3 x the allowance), and 4 copies of CHUNK tokens' logits;
-- `--bits-budget` / `--target-size`: the sensitivity pass (gsq.budget) on rank 0, before the run: every layer's
-  input for its W windows on the host ((layers + 1) x W x S x H x c), and a phase on the device: a block of
-  windows through one layer with autograd (3 x the allowance), their gradients and outputs, one window's
-  logits (3 x S x vocab x 4), the layer's original experts copied (3 x E x H x I x c);
+- `--bits-budget` / `--target-size`: the sensitivity pass (gsq.budget), before the run: on the host, the states
+  of the models it carries, each for W windows (S x H x c per window): the original, the narrowest and the
+  rank's share of the wider ones (2 per MoE layer, split over the ranks), and one more being written; a phase on
+  the device: a block of windows through one layer (the allowance, its input and output), one window's logits
+  of two models (3 x S x vocab x 4), the layer's original experts copied (3 x E x H x I x c);
 - on disk: the resume point, the rank's layer inputs (on disk, also the next layer's being written).
 The device holds all of that but the phases, and the largest of the phases (layer pass, init,
 training, fine-tune), which never overlap; a host holds that for each of its ranks. Everything is usable up to
@@ -47,7 +48,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gsq import acts, adapter, finetune
+from gsq import acts, adapter, budget, finetune
 from gsq.errors import InputError
 
 HEADROOM = 0.9  # usable fraction of each memory (allocator, CUDA context, fragmentation)
@@ -157,8 +158,8 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     sensitivity_windows = min(cfg.sensitivity_windows, cfg.num_samples) if cfg.bits_budget or cfg.target_size else 0
     if sensitivity_windows:
         block = min(acts.BLOCK, sensitivity_windows) * S * H * c
-        phases["sensitivity pass (a block through a layer with autograd; logits; experts copied)"] = (block * (3 * PASS_ALLOWANCE + 2) + 2 * sensitivity_windows * S * H * c
-                                             + 3 * S * m["vocab"] * 4 + E * expert * c)
+        phases["sensitivity pass (a block through a layer; one window's logits; experts copied)"] = (
+            block * (PASS_ALLOWANCE + 2) + 3 * S * m["vocab"] * 4 + E * expert * c)
     layer, outside = m["layer_params"] * c, m["global_params"] * c
     items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
              "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),
@@ -168,8 +169,9 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     items[f"layer inputs: {windows} + {eval_windows} windows, on {placement}"] = tuple(column)
     items["resume point (and, on disk, the next layer's inputs)"] = (0, 0, inputs)
     if sensitivity_windows:
-        items[f"sensitivity pass: every layer's input, {sensitivity_windows} windows (rank 0's, per rank)"] = (
-            0, (m["layers"] + 1) * sensitivity_windows * S * H * c // s.ranks_per_host, 0)  # rank 0 only
+        models = 3 + -(-(len(budget.WIDTHS) - 1) * m["moe_layers"] // N)  # the original, the narrowest, one being
+        items[f"sensitivity pass: {models} models' states, {sensitivity_windows} windows"] = (  # written, the share
+            0, models * sensitivity_windows * S * H * c, 0)
     scratch = eval_windows * cfg.eval_seqlen * H * d  # the perplexity watch runs the rest of the model on a copy
     items["perplexity-watch copy of its windows"] = (scratch, 0, 0) if placement == "device" and not s.cpu \
         else (0, scratch, 0)
@@ -301,17 +303,19 @@ def describe(p: Plan, cfg) -> str:
 
 
 def sensitivity_cost(p: Plan, cfg) -> str:
-    """What the sensitivity pass of --bits-budget / --target-size costs beside the run, in work on tokens: a
-    forward, a backward with the layers recomputed (about 3 forwards) and three MoE passes (one per width), on
-    W windows, against the run's one forward over the calibration windows and GSQ's training (each step runs
-    every expert forward and backward on its tokens: about 3 forwards of the MoE layers per minibatch)."""
+    """What the sensitivity pass of --bits-budget / --target-size costs beside the run, in work on tokens: W
+    windows through the original and the narrowest model, and through each wider one from its MoE layer on (the
+    MoE layers taken as the last ones), against the run's one forward over the calibration windows and GSQ's
+    training (each step runs every expert forward and backward on its tokens: about 3 forwards of the MoE layers
+    per minibatch)."""
     m, W = p.setup.model, min(cfg.sensitivity_windows, cfg.num_samples)
-    sens = 7 * W
+    L, M = m["layers"], m["moe_layers"]
+    sens = round(W * (2 * L + (len(budget.WIDTHS) - 1) * M * (M + 1) // 2) / L)
     run = cfg.num_samples + 3 * p.steps * cfg.batch_size
-    searches = 3 * m["moe_layers"] * m["experts"] * 3 * m["hidden"] * m["inter"] * cfg.scale_grid
+    searches = 3 * M * m["experts"] * 3 * m["hidden"] * m["inter"] * cfg.scale_grid
     return (f"sensitivity pass: {W} windows x {cfg.seqlen} tokens, about {sens} window-passes of the model against "
-            f"the run's {run} ({100 * sens / run:.1f}%), plus MSE-RTN of every expert at 2, 3 and 4 bits "
-            f"({searches:.2g} elementwise operations)")
+            f"the run's {run} ({100 * sens / run:.1f}%), split over the ranks, plus MSE-RTN of every expert at "
+            f"2, 3 and 4 bits ({searches:.2g} elementwise operations)")
 
 
 def check(p: Plan):

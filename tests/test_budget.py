@@ -1,5 +1,5 @@
-"""Per-layer widths from a budget (gsq.budget): the knapsack is exact, the sensitivities order the widths, and a
-2-layer budget run exports one config group per width that compressed-tensors reads back, resumes to the same
+"""Per-layer widths from a budget (gsq.budget): the knapsack is exact, each sensitivity is the KL of the model it
+names (measured again with the whole model in memory), and a 2-layer budget run exports one config group per width that compressed-tensors reads back, resumes to the same
 bytes, and is reproduced from its gsq_bits.json."""
 
 import itertools
@@ -54,6 +54,39 @@ def replica(tmp_path_factory):
     return qwen3_moe(tmp_path_factory.mktemp("src") / "qwen3-moe")
 
 
+def test_each_sensitivity_is_the_kl_of_the_model_it_names(replica):
+    """The streamed pass (every model's states carried layer by layer) against the whole model in memory: every
+    MoE layer's experts at MSE-RTN 2 bits but layer i's at width b, KL(original || that) per token."""
+    from transformers import AutoModelForCausalLM
+
+    from gsq import adapter, walk
+    from gsq.config import Config
+
+    cfg = Config(model=str(replica), group_size=128)
+    source = walk.Source(str(replica), torch.device("cpu"))
+    source.open()
+    source.load_globals()
+    ids = torch.randint(0, source.text.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    sens = budget.sensitivity(source, ids, cfg)
+
+    model = AutoModelForCausalLM.from_pretrained(replica, dtype=source.compute).eval()
+    layers = [layer for layer in model.model.layers if adapter.is_moe(layer)]
+    originals = [[adapter.expert_weights(layer, e) for e in range(adapter.num_experts(layer))] for layer in layers]
+    originals = [[tuple(w.clone() for w in ws) for ws in layer] for layer in originals]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(ids).logits.float(), -1)
+    moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
+    assert sorted(sens) == moe and len(moe) == 2
+    for i, b in itertools.product(moe, budget.WIDTHS):
+        for j, layer, weights in zip(moe, layers, originals):
+            budget.rtn_experts(layer, b if j == i else 2, 128, weights, source.compute)
+        with torch.no_grad():
+            q = torch.log_softmax(model(ids).logits.float(), -1)
+        kl = (reference.exp() * (reference - q)).sum(-1).mean().item()
+        assert sens[i][b] == pytest.approx(kl, rel=1e-4), (i, b)
+    assert sens[moe[0]][2] == sens[moe[1]][2] > max(sens[i][b] for i in moe for b in (3, 4))
+
+
 def written(out):
     """{module: (container bits, codes)} of every packed expert, read with compressed-tensors' own unpacker and the
     config group whose targets match the module (compressed-tensors' matcher)."""
@@ -79,9 +112,9 @@ def test_a_two_layer_budget_exports_reads_back_and_resumes_to_the_same_bytes(rep
     plan = json.loads((whole / "gsq_bits.json").read_text())
     layers = plan["layers"]
     assert sorted(b["bits"] for b in layers.values()) == [2, 3] and plan["average_bits"] == pytest.approx(2.625)
-    for row in layers.values():  # more bits, less predicted loss
+    for row in layers.values():  # more bits, less loss
         s = row["sensitivity"]
-        assert s["2"] > s["3"] > s["4"] > 0
+        assert s["2"] > s["3"] > 0 and s["2"] > s["4"] > 0
     # the layer at 3 bits is the one whose upgrade buys more
     gain = {i: row["sensitivity"]["2"] - row["sensitivity"]["3"] for i, row in layers.items()}
     assert layers[max(gain, key=gain.get)]["bits"] == 3

@@ -103,3 +103,14 @@ def test_groups_and_placement_do_not_change_the_bytes(single, tmp_path):
     assert "layer inputs on disk, 3 experts per batch" in proc.stdout
     assert {l["groups"] for l in json.loads((out / "gsq_run.json").read_text())["layers"] if l["moe"]} == {3}
     assert digest(out, RECORDS) == single["digest"]
+
+
+def test_two_ranks_measure_a_budget_like_one(tmp_path):
+    """--bits-budget: each rank measures its share of the wider models; the gathered sensitivities and the
+    allocation are the single process's, to the bit."""
+    flags = ["--bits-budget", "2.625", "--method", "rtn", "--eval-every", "0"]
+    for name, ranks in (("one", 1), ("two", 2)):
+        proc = run("--out", str(tmp_path / name), *flags, ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ((tmp_path / name / "gsq_bits.json").read_text() for name in ("one", "two"))
+    assert one == two and len(json.loads(one)["layers"]) == 6

@@ -116,13 +116,15 @@ def test_dry_run_of_the_tiny_model_writes_nothing(tmp_path):
 def test_kimi_with_a_bits_budget_plans_the_sensitivity_pass(kimi):
     flags = ["--ranks", "8", "--gpu-memory", "141GB", "--host-memory", "2TB", "--bits-budget", "2.5"]
     plan = json.loads(dry_run(kimi, *flags, "--json").stdout)
-    H, I, E, S, W = 7168, 2048, 384, 4096, 16
-    # by hand: every layer's input (61 layers + the top) of 16 windows in bf16, rank 0's only, shown per rank of 8
-    assert by_name(plan["items"], "sensitivity pass: every layer's input") == [0, 62 * W * S * H * 2 // 8, 0]
-    block = 4 * S * H * 2  # a block of windows through one layer with autograd, the gradients and outputs, one
-    phase = block * 32 + 2 * W * S * H * 2 + 3 * S * 163840 * 4 + E * 3 * H * I * 2  # window's logits, experts
+    H, I, E, S, W, V = 7168, 2048, 384, 4096, 16, 163840
+    # by hand: each rank carries the original, the narrowest, one being written and its share of the 120 wider
+    # models (60 MoE layers x 3 and 4 bits, over 8 ranks: 15), 16 windows each in bf16
+    assert by_name(plan["items"], "sensitivity pass: 18 models' states") == [0, 18 * W * S * H * 2, 0]
+    block = 4 * S * H * 2  # a block of windows through one layer, one window's logits of two models, the experts
+    phase = block * 12 + 3 * S * V * 4 + E * 3 * H * I * 2
     assert by_name(plan["items"], "sensitivity pass (")[0] == phase
     assert plan["fits"]  # the phases do not overlap: the GSQ training phase is still the largest
     text = dry_run(kimi, *flags).stdout
-    assert "sensitivity pass: 16 windows x 4096 tokens, about 112 window-passes of the model against the run's " \
-           "126976 (0.1%)" in text
+    # 16 x (2 x 61 + 2 x (60 + 59 + ... + 1)) / 61 layer-passes = 992 window-passes
+    assert "sensitivity pass: 16 windows x 4096 tokens, about 992 window-passes of the model against the run's " \
+           "126976 (0.8%), split over the ranks" in text
