@@ -114,8 +114,11 @@ prune-compare:
 
 # Allocations of one --bits-budget side by side: gsq's, from measured sensitivity, against the same widths placed
 # first, last, alternating and at random, and uniform 2 bits; predicted vs measured KL (eval/budget_compare.py).
+# SIZE=...: that checkpoint size by fewer bits, fewer experts (REAP) and a mix, and the KL-vs-bits curve with
+# uniform GPTQ at 2, 3, 4 bits (eval/size_compare.py).
 budget-compare:
-	$(PY) eval/budget_compare.py --model $(MODEL) --budget $(BUDGET) $(if $(ARGS),--args "$(ARGS)")
+	$(if $(SIZE),$(PY) eval/size_compare.py --size $(SIZE),$(PY) eval/budget_compare.py --budget $(BUDGET)) \
+	  --model $(MODEL) $(if $(ARGS),--args "$(ARGS)")
 
 # What a quantized checkpoint holds: bits per weight per layer, codes per group, size vs the original.
 inspect:
