@@ -21,7 +21,7 @@ import torch
 
 from compare import run_one
 from gsq import budget
-from local_data import ROOT, TINY, WIKI_TEST
+from local_data import ROOT, TINY, side_by_side_flags
 
 
 def placements(chosen: dict, seeds=(0, 1)) -> dict:
@@ -67,12 +67,7 @@ def main():
     ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
     ap.add_argument("--budget", type=float, default=2.625, help="--bits-budget of gsq's allocation")
     ap.add_argument("--args", default="--method gsq", help="further gsq.quantize flags of every run")
-    ap.add_argument("--data-file", default=str(WIKI_TEST))
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--max-windows", type=int, default=800)
-    ap.add_argument("--work", default="out/budget-compare", help="where the checkpoints are written")
-    ap.add_argument("--record", help="JSON record (default eval/results/<model>-budget-<budget>-<date>.json)")
-    ap.add_argument("--quiet", action="store_true", help="hide the quantize runs' output")
+    side_by_side_flags(ap, "out/budget-compare", "eval/results/<model>-budget-<budget>-<date>.json")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

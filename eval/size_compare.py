@@ -27,7 +27,7 @@ import torch
 from compare import evaluated, timed
 from gsq import adapter, walk
 from gsq.plan import gb, parse_size
-from local_data import ROOT, TINY, WIKI_TEST, tiny_flags
+from local_data import ROOT, TINY, side_by_side_flags, tiny_flags
 from prune_compare import sh
 
 CURVE = (2.125, 2.625, 3.125, 3.625, 4.125)
@@ -118,12 +118,7 @@ def main():
     ap.add_argument("--size", required=True, help="checkpoint size on disk, e.g. 9MB or 240GB")
     ap.add_argument("--args", default="--method gsq", help="further gsq.quantize flags of gsq's runs")
     ap.add_argument("--no-curve", action="store_true", help="only the three checkpoints at --size")
-    ap.add_argument("--data-file", default=str(WIKI_TEST))
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--max-windows", type=int, default=800)
-    ap.add_argument("--work", default="out/size-compare", help="where the checkpoints are written")
-    ap.add_argument("--record", help="JSON record (default eval/results/<model>-size-<size>-<date>.json)")
-    ap.add_argument("--quiet", action="store_true", help="hide the runs' output")
+    side_by_side_flags(ap, "out/size-compare", "eval/results/<model>-size-<size>-<date>.json")
     args = ap.parse_args()
     size, work, (experts, top_k) = parse_size(args.size, "--size"), Path(args.work), experts_per_layer(args.model)
     work.mkdir(parents=True, exist_ok=True)
