@@ -102,7 +102,7 @@ def plot(curve: dict, at_size: dict, stem: Path):
         ax.plot(*zip(*points), marker="o", label=method)
     for name, r in at_size.items():
         ax.scatter([r["average_bits"] * r["keep_fraction"]], [r["kl"]], marker="x", label=f"{name} (at --size)")
-    ax.set(xlabel="stored bits per routed-expert weight of the original model (pruned: x the share kept)", ylabel="KL to the original",
+    ax.set(xlabel="stored bits per routed-expert weight (pruned: x share kept)", ylabel="KL to the original",
            yscale="log", title="KL against bits per weight")
     ax.legend(fontsize=8)
     fig.tight_layout()
