@@ -6,6 +6,7 @@ Runs `gsq.quantize --bits-budget B` (its gsq_bits.json holds each MoE layer's se
 widths), then the same number of layers at each width placed otherwise, given back as `--bits-plan`: the first
 layers, the last layers, alternating, and two seeded random placements; and uniform 2 bits. Each checkpoint
 is evaluated against the original (eval/compare.py: KL, top-1, perplexity on WikiText-2 test windows). The
+record is rewritten after every run (eval/record.py: `--resume` measures only the runs it lacks). The
 table holds each allocation's predicted KL (the sum of its layers' sensitivities) beside the measured one, and
 the rank agreement of the two (Spearman) checks the predictor. JSON record and table under eval/results/.
 """
@@ -13,15 +14,13 @@ the rank agreement of the two (Spearman) checks the predictor. JSON record and t
 import argparse
 import json
 import random
-import subprocess
 from datetime import date
 from pathlib import Path
-
-import torch
 
 from compare import run_one
 from gsq import budget
 from local_data import ROOT, TINY, side_by_side_flags
+from record import Record
 
 
 def placements(chosen: dict, seeds=(0, 1)) -> dict:
@@ -71,21 +70,37 @@ def main():
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    path = Path(args.record or f"eval/results/{Path(args.model).name}-budget-{args.budget}-{date.today()}.json")
+    record = Record(path, {"model": args.model, "budget": args.budget, "args": args.args,
+                           "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows}},
+                    "runs", args.resume)
 
-    runs = {"gsq allocation": run_one("chosen", f"--bits-budget {args.budget} {args.args}", args)}
-    plan = json.loads((work / "chosen" / "gsq_bits.json").read_text())
-    sens = {int(i): {int(b): s for b, s in row["sensitivity"].items()} for i, row in plan["layers"].items()}
-    sizes = {int(i): row["weights"] for i, row in plan["layers"].items()}
-    chosen = {int(i): row["bits"] for i, row in plan["layers"].items()}
-    runs["gsq allocation"].update(widths=chosen, average_bits=plan["average_bits"], predicted_kl=plan["predicted_kl"])
-    others = {**placements(chosen), "uniform 2-bit": dict.fromkeys(chosen, 2)}
-    for name, widths in others.items():
-        file = work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.json"
-        file.write_text(json.dumps({"layers": {str(i): {"bits": b} for i, b in widths.items()}}))
-        runs[name] = run_one(file.stem, f"--bits-plan {file} {args.args}", args)
-        stored = json.loads((work / file.stem / "gsq_bits.json").read_text())
-        runs[name].update(widths=widths, average_bits=stored["average_bits"],
-                          predicted_kl=budget.predicted(sens, widths))
+    def chosen_run():
+        run = run_one("chosen", f"--bits-budget {args.budget} {args.args}", args)
+        plan = json.loads((work / "chosen" / "gsq_bits.json").read_text())
+        return {**run, "widths": {int(i): row["bits"] for i, row in plan["layers"].items()},
+                "average_bits": plan["average_bits"], "predicted_kl": plan["predicted_kl"],
+                "sensitivity": {i: row["sensitivity"] for i, row in plan["layers"].items()},
+                "weights_per_layer": {i: row["weights"] for i, row in plan["layers"].items()}}
+
+    ours = record.row("gsq allocation", chosen_run)
+    sens = {int(i): {int(b): s for b, s in row.items()} for i, row in ours["sensitivity"].items()}
+    chosen = {int(i): b for i, b in ours["widths"].items()}
+
+    def placed(name, widths):
+        def run():
+            file = work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.json"
+            file.write_text(json.dumps({"layers": {str(i): {"bits": b} for i, b in widths.items()}}))
+            result = run_one(file.stem, f"--bits-plan {file} {args.args}", args)
+            stored = json.loads((work / file.stem / "gsq_bits.json").read_text())
+            return {**result, "widths": widths, "average_bits": stored["average_bits"],
+                    "predicted_kl": budget.predicted(sens, widths)}
+        return run
+
+    # uniform 2 bits first: with the chosen allocation it gives the ratio that matters most if the rest is cut short
+    for name, widths in {"uniform 2-bit": dict.fromkeys(chosen, 2), **placements(chosen)}.items():
+        record.row(name, placed(name, widths))
+    runs = record.rows
     same = [n for n in runs if n != "uniform 2-bit"]
     rank = spearman([runs[n]["predicted_kl"] for n in runs], [runs[n]["kl"] for n in runs])
     best_other = min(runs[n]["kl"] for n in same if n != "gsq allocation")
@@ -96,15 +111,7 @@ def main():
                           f"{summary['kl_over_best_other_allocation']:.2f}x the best other allocation's KL, "
                           f"{summary['kl_over_uniform_2bit']:.2f}x uniform 2-bit's.\n")
     print(text)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    record = {"date": date.today().isoformat(), "commit": commit, "model": args.model, "budget": args.budget,
-              "args": args.args, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-              "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows},
-              "weights_per_layer": sizes, "summary": summary,
-              "runs": {n: {**r, "widths": {str(i): b for i, b in r["widths"].items()}} for n, r in runs.items()}}
-    path = Path(args.record or f"eval/results/{Path(args.model).name}-budget-{args.budget}-{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record.save(complete=True, summary=summary)
     path.with_suffix(".md").write_text(text)
     print(f"recorded {path} and its table (.md)")
 

@@ -21,10 +21,12 @@ def tiny_flags(model, watch: bool = True) -> list:
 
 def side_by_side_flags(ap, work: str, record: str):
     """The flags the side-by-side scripts share: the test windows every checkpoint is evaluated on, where the
-    checkpoints go, the record's path and the runs' output."""
+    checkpoints go, the record's path, the runs' output and resuming a record cut short."""
     ap.add_argument("--data-file", default=str(WIKI_TEST))
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=800)
     ap.add_argument("--work", default=work, help="where the checkpoints are written")
     ap.add_argument("--record", help=f"JSON record (default {record})")
     ap.add_argument("--quiet", action="store_true", help="hide the runs' output")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows the record already holds (same settings) and measure only the rest")

@@ -11,13 +11,13 @@ At --size (the safetensors on disk), each quantized with ARGS:
 The curve: KL against stored bits per routed-expert weight, for gsq's `--bits-budget` from 2.125 to 4.125 (the
 ends are uniform 2 and 4 bits) and uniform GPTQ at 2, 3 and 4 bits. Every checkpoint is evaluated against the
 original (gsq.eval: KL, top-1, perplexity on WikiText-2 test windows). JSON record, table (.md) and plot (.png)
-under eval/results/.
+under eval/results/; the record is rewritten after every run (eval/record.py: `--resume` measures only the runs
+it lacks).
 """
 
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -29,6 +29,7 @@ from gsq import adapter, walk
 from gsq.plan import gb, parse_size
 from local_data import ROOT, TINY, side_by_side_flags, tiny_flags
 from prune_compare import sh
+from record import Record
 
 CURVE = (2.125, 2.625, 3.125, 3.625, 4.125)
 
@@ -37,19 +38,23 @@ def on_disk(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def quantized(name: str, model: str, extra: str, args) -> dict:
-    """`gsq.quantize` of `model` into WORK/name with `extra`, evaluated against the original; with its stored
-    bits per expert weight (from gsq_bits.json) and size."""
-    out = Path(args.work) / name
-    cmd = [sys.executable, "-m", "gsq.quantize", "--model", model, "--out", str(out), "--overwrite",
-           *tiny_flags(args.model), *shlex.split(extra)]
-    seconds = timed(cmd, args.quiet)
-    bits = json.loads((out / "gsq_bits.json").read_text())
-    row = {"args": extra, "source": model, "quantize_seconds": seconds, "bytes": on_disk(out),
-           "average_bits": bits["average_bits"], "expert_bytes": bits["expert_bytes"],
-           "weights": sum(r["weights"] for r in bits["layers"].values()),
-           "widths": {i: r["bits"] for i, r in bits["layers"].items()}}
-    return evaluated(name, out, args, row)
+def quantized(record, name: str, model: str, extra: str, args, before=None) -> dict:
+    """`gsq.quantize` of `model` into WORK/name with `extra` (after `before()`, if given), evaluated against the
+    original; with its stored bits per expert weight (from gsq_bits.json) and size. Kept from a resumed record."""
+    def measure():
+        if before:
+            before()
+        out = Path(args.work) / name
+        cmd = [sys.executable, "-m", "gsq.quantize", "--model", model, "--out", str(out), "--overwrite",
+               *tiny_flags(args.model), *shlex.split(extra)]
+        seconds = timed(cmd, args.quiet)
+        bits = json.loads((out / "gsq_bits.json").read_text())
+        row = {"args": extra, "source": model, "quantize_seconds": seconds, "bytes": on_disk(out),
+               "average_bits": bits["average_bits"], "expert_bytes": bits["expert_bytes"],
+               "weights": sum(r["weights"] for r in bits["layers"].values()),
+               "widths": {i: r["bits"] for i, r in bits["layers"].items()}}
+        return evaluated(name, out, args, row)
+    return dict(record.row(name, measure))
 
 
 def uniform(work: Path, model: str, bits: int) -> str:
@@ -122,12 +127,28 @@ def main():
     args = ap.parse_args()
     size, work, (experts, top_k) = parse_size(args.size, "--size"), Path(args.work), experts_per_layer(args.model)
     work.mkdir(parents=True, exist_ok=True)
+    path = Path(args.record or f"eval/results/{Path(args.model).name}-size-{args.size}-{date.today()}.json")
+    record = Record(path, {"model": args.model, "size": size, "args": args.args,
+                           "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows}},
+                    "runs", args.resume)
 
-    two_bit = quantized("uniform-2", args.model, f"{uniform(work, args.model, 2)} {args.args}", args)
+    two_bit = quantized(record, "uniform-2", args.model, f"{uniform(work, args.model, 2)} {args.args}", args)
+    curve = {}
+    if not args.no_curve:
+        method = shlex.split(args.args)[shlex.split(args.args).index("--method") + 1] if "--method" in args.args else "gsq"
+        for b in CURVE:  # the ends: every layer at 2 and at 4 bits
+            choice = {CURVE[0]: uniform(work, args.model, 2), CURVE[-1]: uniform(work, args.model, 4)}.get(b)
+            row = two_bit if b == CURVE[0] else quantized(record, f"budget-{b}", args.model,
+                                                           f"{choice or f'--bits-budget {b}'} {args.args}", args)
+            curve[f"{method} budget {b}"] = {**row, "method": f"{method} (budget)"}
+        for b in (2, 3, 4):
+            curve[f"gptq {b}-bit"] = {**quantized(record, f"gptq-{b}", args.model,
+                                                  f"{uniform(work, args.model, b)} --method gptq", args),
+                                      "method": "gptq (uniform)"}
     at_size = {}
     if two_bit["bytes"] <= size:
-        at_size["every expert"] = {**quantized("every-expert", args.model, f"--target-size {size}B {args.args}", args),
-                                   "keep": experts}
+        at_size["every expert"] = {**quantized(record, "every-expert", args.model, f"--target-size {size}B {args.args}",
+                                               args), "keep": experts}
     else:
         print(f"--size {args.size} is below the 2-bit checkpoint of every expert ({gb(two_bit['bytes'])}): pruning only")
     keep4 = fitting_keep(size, two_bit, 4, experts)
@@ -142,36 +163,22 @@ def main():
             at_size[name] = {**(two_bit if widths == 2 else at_size["every expert"]), "keep": experts}
             continue
         pruned = work / f"reap-keep-{keep}"
-        if not pruned.exists():
-            sh("gsq.prune", "--model", args.model, "--out", str(pruned), "--keep", str(keep), "--overwrite",
-               *tiny_flags(args.model, watch=False))
-        extra = uniform(work, str(pruned), widths) if widths else f"--target-size {size}B"
-        at_size[name] = {**quantized(name.replace(", ", "-").replace(" ", "-"), str(pruned), f"{extra} {args.args}",
-                                     args), "keep": keep}
+
+        def prune(pruned=pruned, keep=keep):
+            if not pruned.exists():
+                sh("gsq.prune", "--model", args.model, "--out", str(pruned), "--keep", str(keep), "--overwrite",
+                   *tiny_flags(args.model, watch=False))
+
+        # pruning keeps every MoE layer, so the original's layers name the pruned model's too
+        extra = uniform(work, args.model, widths) if widths else f"--target-size {size}B"
+        at_size[name] = {**quantized(record, name.replace(", ", "-").replace(" ", "-"), str(pruned),
+                                     f"{extra} {args.args}", args, before=prune), "keep": keep}
     for r in at_size.values():
         r["keep_fraction"] = r["keep"] / experts
-    curve = {}
-    if not args.no_curve:
-        method = shlex.split(args.args)[shlex.split(args.args).index("--method") + 1] if "--method" in args.args else "gsq"
-        for b in CURVE:  # the ends: every layer at 2 and at 4 bits
-            choice = {CURVE[0]: uniform(work, args.model, 2), CURVE[-1]: uniform(work, args.model, 4)}.get(b)
-            row = two_bit if b == CURVE[0] else quantized(f"budget-{b}", args.model,
-                                                           f"{choice or f'--bits-budget {b}'} {args.args}", args)
-            curve[f"{method} budget {b}"] = {**row, "method": f"{method} (budget)"}
-        for b in (2, 3, 4):
-            curve[f"gptq {b}-bit"] = {**quantized(f"gptq-{b}", args.model, f"{uniform(work, args.model, b)} --method gptq",
-                                                  args), "method": "gptq (uniform)"}
     text = (f"At {gb(size)} ({args.size}; the original's routed experts: {experts} per layer)\n\n{table(at_size)}\n"
             + (f"\nKL against bits per weight\n\n{table(curve)}\n" if curve else ""))
     print(text)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    path = Path(args.record or f"eval/results/{Path(args.model).name}-size-{args.size}-{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "date": date.today().isoformat(), "commit": commit, "model": args.model, "size": size, "args": args.args,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-        "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows},
-        "at_size": at_size, "curve": curve}, indent=2) + "\n")
+    record.save(complete=True, at_size=at_size, curve=curve)
     path.with_suffix(".md").write_text(text)
     png = plot(curve, at_size, path.with_suffix(""))
     print(f"recorded {path}, its table (.md){' and plot ' + str(png) if png else ''}")
