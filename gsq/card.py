@@ -88,18 +88,30 @@ def quantized_card(src: Path, config: dict, cfg, record: dict, tp: list, shards:
         grid = (", ".join(f"{n} layer(s) at {b} bits" for b, n in counts.items() if n) + f" ({alloc['how']}; "
                 f"per layer in `gsq_bits.json`), a signed scale per {cfg.group_size} inputs: {width}")
         serving = "Each\nlayer is served at its own width by vLLM's Humming MoE kernels (the only ones for 2 and 3 bits)"
+    tp_line = (f"vLLM 0.33 loads it at tensor-parallel sizes {', '.join(map(str, tp)) or 'none (expert parallelism only)'} "
+               f"(each rank's share of the expert width must be a multiple of\n{cfg.group_size}); expert parallelism "
+               "(`--enable-expert-parallel`) does not split the experts. ")
+    fmt = "pack-quantized"
+    if cfg.format == "nvfp4":
+        width, fmt, tp, tp_line = "NVFP4 (4.5 bits per weight)", "nvfp4-pack-quantized", [], ""
+        grid = ("FP4 E2M1 values {0, +-0.5, +-1, +-1.5, +-2, +-3, +-4, +-6} x an FP8 E4M3 scale per 16 inputs x a "
+                "float32 global scale per tensor (gate and up share one, as vLLM reads them): 4.5 bits per weight")
+        serving = ("vLLM 0.33 serves NVFP4 experts with bf16 activations\n(NVFP4A16) with its Humming MoE kernels on "
+                   "Hopper, else Marlin (Hopper and Blackwell): its FlashInfer and CUTLASS\nNVFP4 MoE kernels need "
+                   "NVFP4 activations (eval/vllm/nvfp4.md in gsq)")
+        loads = ("transformers (5.25) loads NVFP4 experts without decoding them; `python -m gsq.eval` reads it\nwith "
+                 "gsq's own streaming reader")
     steps = "\n".join(f"| {p['layers_quantized']} | {p['ppl']:.3f} |" for p in record.get("ppl", []))
     if "ppl" in record.get("finetune", {}):
         steps += f"\n| all + scale fine-tune | {record['finetune']['ppl']:.3f} |"
     method = {"gsq": "GSQ (Gumbel-Softmax quantization, arXiv 2604.18556), GPTQ-initialised",
               "gptq": "GPTQ", "rtn": "round-to-nearest"}[cfg.method]
-    tpl = ", ".join(map(str, tp)) or "none (expert parallelism only)"
-    tag = "mixed-precision" if "bits" in record else f"{cfg.bits}-bit"
+    tag = "nvfp4" if cfg.format == "nvfp4" else "mixed-precision" if "bits" in record else f"{cfg.bits}-bit"
     return f"""{front_matter(src, ["gsq", "compressed-tensors", tag, "mixture-of-experts"])}
 # {src.resolve().name}, routed experts at {width} (gsq)
 
 {src.resolve().name} with every routed expert's gate, up and down projection quantized to {width} by
-{method}, written by gsq as a compressed-tensors `pack-quantized` checkpoint.
+{method}, written by gsq as a compressed-tensors `{fmt}` checkpoint.
 
 | | |
 |---|---|
@@ -133,9 +145,7 @@ WikiText-2 test windows, the first N layers quantized and the rest original (`gs
 {serve_line(config, tp)}
 ```
 
-vLLM 0.33 loads it at tensor-parallel sizes {tpl} (each rank's share of the expert width must be a multiple of
-{cfg.group_size}); expert parallelism (`--enable-expert-parallel`) does not split the experts. {serving}. \
-{loads}.
+{tp_line}{serving}. {loads}.
 """
 
 

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from gsq.errors import ArgumentParser
+from gsq.gptq import NVFP4_GROUP
 
 
 def _f(default, help, **kw):
@@ -29,6 +30,9 @@ class Config:
     seed: int = _f(0, "seed of sampling and of every (layer, expert) optimisation")
     # grid
     bits: int = _f(2, "bits per expert weight (2: levels -2..1; 3, 4: local shifts)", choices=[2, 3, 4])
+    format: str = _f("int", "the experts' number format: int (signed integer codes of --bits, group scales in the "
+                     "model dtype), or nvfp4 (FP4 E2M1 codes, FP8 scales per 16 inputs and a global scale per "
+                     "tensor: 4.5 bits per weight, served natively on Blackwell)", choices=["int", "nvfp4"])
     bits_budget: float = _f(0.0, "instead of --bits: average stored bits per routed-expert weight, scales included "
                             "(2 bits at group 128: 2.125); each MoE layer's width (2, 3, 4) chosen from measured "
                             "sensitivity to meet it from below (gsq.budget)")
@@ -108,6 +112,7 @@ class Config:
         its bytes (not where it was written, nor whether the run was resumed)."""
         flags = flags or QUANTIZE_FLAGS
         unread = () if any(getattr(self, k) for k in WIDTH_CHOICE) else (*WIDTH_CHOICE, "sensitivity_windows")
+        unread += ("format",) if self.format == "int" else ()  # the integer formats' records as they always were
         shaping = {k: v for k, v in dataclasses.asdict(self).items()
                    if k in flags and k not in RUN_CONTROL and k not in unread}
         return json.dumps(shaping, indent=2) + "\n"
@@ -187,4 +192,12 @@ def from_args(args: argparse.Namespace) -> Config:
         raise ValueError(f"{' and '.join(chosen)} each choose the widths: give one")
     if cfg.bits_budget < 0 or cfg.sensitivity_windows < 1:
         raise ValueError("--bits-budget must be positive and --sensitivity-windows at least 1")
+    if cfg.format == "nvfp4":
+        fixed = {"bits": 4, "group_size": NVFP4_GROUP, "finetune_scales": 0}  # (the fine-tune keeps integer scales)
+        clash = [f"--{k.replace('_', '-')} {given[k]}" for k in fixed if k in given and given[k] != fixed[k]]
+        clash += [f"--{k.replace('_', '-')}" for k in WIDTH_CHOICE if getattr(cfg, k)]
+        if clash:
+            raise ValueError(f"--format nvfp4 has 4-bit codes in groups of {NVFP4_GROUP} for every layer and no scale "
+                             f"fine-tune yet: drop {', '.join(clash)}")
+        cfg = dataclasses.replace(cfg, **fixed)
     return cfg

@@ -172,9 +172,9 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", tokenizer: s
 
         # loaded on the CPU, where transformers >= 5.25 would fetch MXFP4 kernels from the Hub: decode to bf16
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    widths = expert_widths(getattr(config, "quantization_config", None) or {})
-    if len(widths) > 1:  # transformers (5.25) decodes every layer's experts with one config group's width
-        model, why = None, f"its experts have widths {sorted(widths)} by layer, and transformers decodes them with one"
+    why = misread_experts(getattr(config, "quantization_config", None) or {})
+    if why:
+        model = None
     else:
         try:
             model = auto.from_pretrained(root, dtype=torch_dtype, **extra).to(device).eval()
@@ -198,11 +198,18 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", tokenizer: s
     return model, words
 
 
-def expert_widths(qc: dict) -> set:
-    """The bit widths of a compressed-tensors config's integer pack-quantized groups (one per width in a
-    --bits-budget checkpoint)."""
-    return {g["weights"]["num_bits"] for g in (qc.get("config_groups") or {}).values()
-            if (g.get("weights") or {}).get("type") == "int" and (g.get("format") or qc.get("format")) == "pack-quantized"}
+def misread_experts(qc: dict) -> str | None:
+    """Why transformers (5.25) would load a compressed-tensors checkpoint's routed experts wrongly, else None:
+    it decodes every layer's experts with one config group's width (a --bits-budget checkpoint has one per
+    width), and it loads NVFP4 experts without decoding them (tiny-deepseek-v3 read that way: perplexity 1020
+    where the run measured 119)."""
+    groups = [(g.get("weights") or {}, g.get("format") or qc.get("format")) for g in (qc.get("config_groups") or {}).values()]
+    widths = {w["num_bits"] for w, fmt in groups if w.get("type") == "int" and fmt == "pack-quantized"}
+    if len(widths) > 1:
+        return f"its experts have widths {sorted(widths)} by layer, and transformers decodes them with one"
+    if any(fmt == "nvfp4-pack-quantized" for _, fmt in groups):
+        return "transformers does not decode NVFP4 experts into its fused expert tensors"
+    return None
 
 
 # what transformers reads a tokenizer from (one of them is enough)

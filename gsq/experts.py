@@ -132,17 +132,26 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
     return H
 
 
+def grid(cfg) -> gptq.Grid:
+    return gptq.Grid(cfg.bits, cfg.format)
+
+
+def global_scales(weights, cfg) -> list:
+    """NVFP4's global scale of each of the expert's (gate, up, down), else None each."""
+    return list(gptq.global_scales(*weights)) if cfg.format == "nvfp4" else [None] * 3
+
+
 def init_expert(weights, H, cfg):
     """(RTN codes+scales, init codes+scales) for gate, up, down of one expert with Hessians H."""
-    rtn, init, grid = [], [], gptq.Grid(cfg.bits)
-    scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm)
-    for W, h in zip(weights, (H[0], H[0], H[1])):
-        s = gptq.mse_scales(W, grid, cfg.group_size, **scale_args)
-        rtn.append(gptq.Quantized(gptq.rtn(W, s, grid), s))
+    rtn, init, grid_ = [], [], grid(cfg)
+    for W, h, g in zip(weights, (H[0], H[0], H[1]), global_scales(weights, cfg)):
+        scale_args = dict(steps=cfg.scale_grid, smallest=cfg.scale_min, norm=cfg.scale_norm, global_scale=g)
+        s = gptq.mse_scales(W, grid_, cfg.group_size, **scale_args)
+        rtn.append(gptq.Quantized(gptq.rtn(W, s, grid_), s))
         if H[2] < cfg.min_tokens or not uses_gptq(cfg):
             init.append(rtn[-1])  # too few tokens: MSE-RTN (= GPTQ with an identity Hessian)
         else:
-            init.append(gptq.gptq(W, h, grid, cfg.group_size, cfg.gptq_damp, cfg.gptq_block, **scale_args))
+            init.append(gptq.gptq(W, h, grid_, cfg.group_size, cfg.gptq_damp, cfg.gptq_block, **scale_args))
     return rtn, init
 
 
@@ -157,7 +166,9 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
         dev = calib.device
         module = ExpertLogits([torch.stack([init[e][p].codes for e in mine]).to(dev) for p in range(3)],
                               [torch.stack([init[e][p].scales for e in mine]).to(dev) for p in range(3)],
-                              gptq.Grid(cfg.bits), cfg.init_sigma, cfg.init_alpha, [(cfg.seed, i, e) for e in mine])
+                              grid(cfg), cfg.init_sigma, cfg.init_alpha, [(cfg.seed, i, e) for e in mine],
+                              global_scales=[torch.stack([global_scales(fp[e], cfg)[p] for e in mine]).to(dev)
+                                             for p in range(3)] if cfg.format == "nvfp4" else None)
         weights = tuple(torch.stack([fp[e][p] for e in mine]).to(dtype) for p in range(3))
         opt = optimizer(module, cfg)
     trajectory = []
@@ -219,7 +230,8 @@ def quantize(layer, i: int, calib, cfg, dtype, experts_per_batch: int, original=
         trajectory += traj
         results = {e: [*q, learned.get(e, q[1])] for e, q in results.items()}
         errs.update(measure(layer, calib, owner, fp, results, cfg))
-        final.update({e: [packed(c, s, cfg.bits) for c, s in q[2]] for e, q in results.items()})
+        final.update({e: [packed(c, s, grid(cfg), g) for (c, s), g in zip(q[2], global_scales(fp[e], cfg))]
+                      for e, q in results.items()})
     bar.close()
     got = dist.gather({e: (final[e], errs.get(e)) for e in final})
     final = [got[e][0] for e in range(E)]

@@ -1,8 +1,10 @@
-"""Write the compressed-tensors `pack-quantized` checkpoint, one unit (layer) at a time.
+"""Write the compressed-tensors checkpoint, one unit (layer) at a time.
 
-Per routed expert Linear P (`model.layers.L.mlp.experts.E.gate_proj`, ...): `P.weight_packed` int32
-`[out, ceil(in * bits / 32)]`, `P.weight_scale` (model dtype, signed) `[out, in / G]`,
-`P.weight_shape` int64 `[2]`. Every other tensor is copied under its own name. The checkpoint is
+Per routed expert Linear P (`model.layers.L.mlp.experts.E.gate_proj`, ...), integer codes (`pack-quantized`):
+`P.weight_packed` int32 `[out, ceil(in * bits / 32)]`, `P.weight_scale` (model dtype, signed) `[out, in / G]`,
+`P.weight_shape` int64 `[2]`; NVFP4 (`nvfp4-pack-quantized`): `P.weight_packed` uint8 `[out, in / 2]` (E2M1
+nibbles), `P.weight_scale` float8_e4m3fn `[out, in / 16]`, `P.weight_global_scale` float32 `[1]` (the weight is
+fp4 * weight_scale / weight_global_scale). Every other tensor is copied under its own name. The checkpoint is
 written into `<out>.partial/` and renamed to `<out>` only when complete.
 """
 
@@ -19,8 +21,8 @@ from safetensors.torch import save_file
 
 from gsq import partial
 from gsq.errors import tensor_bytes, write_text, writing
-from gsq.gptq import Grid
-from gsq.kernels.pack import pack, unpack
+from gsq.gptq import Grid, fp8
+from gsq.kernels.pack import fp4_pack, fp4_unpack, pack, unpack
 
 COPIED_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|chat_template.*"
                           r"|.*\.py|.*\.tiktoken|vocab\..*|merges\.txt|preprocessor_config\.json|LICEN[SC]E.*|NOTICE.*)$",
@@ -29,8 +31,14 @@ TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|chat_templa
                              r"|merges\.txt|spiece\.model)$", re.I)  # taken from --tokenizer DIR
 
 
-def expert_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor, container: int) -> dict:
-    """The three tensors of one quantized Linear, `key` without `.weight`."""
+def expert_tensors(key: str, result, container: int) -> dict:
+    """The three tensors of one quantized Linear (a `packed` result), `key` without `.weight`."""
+    if result.grid.nvfp4:
+        g = result.global_scale.float().reshape(1)
+        return {f"{key}.weight_packed": result.words.cpu(),
+                f"{key}.weight_scale": fp8(2 * result.scales.float() * g).cpu(),
+                f"{key}.weight_global_scale": g.cpu()}
+    codes, scales = unpacked(result)
     return {f"{key}.weight_packed": pack(codes, container).cpu(),
             f"{key}.weight_scale": scales.cpu().contiguous(),
             f"{key}.weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64)}
@@ -47,31 +55,35 @@ def layer_shard(ckpt, arch, i: int, final, container: int) -> dict:
     expert_keys = set()
     for e, projs in enumerate(final or []):
         for p, result in enumerate(projs):
-            codes, scales = unpacked(result)
             key = arch.expert_key(i, e, p)
             expert_keys.add(key + ".weight")
-            tensors.update(expert_tensors(key, codes, scales, container))
+            tensors.update(expert_tensors(key, result, container))
     tensors.update(ckpt.stored([k for k in keys if k not in expert_keys]))  # as the source stores them
     return tensors
 
 
 class Packed(NamedTuple):
     """A result as kept until the layer is written (and as ranks exchange it): the codes in int32 words of
-    `Grid(bits).word_bits` per code, the scales, the row length."""
+    `grid.word_bits` per code (NVFP4: E2M1 bytes, as written), the scales as held, the row length, the grid,
+    NVFP4's global scale."""
 
     words: torch.Tensor
     scales: torch.Tensor
     cols: int
-    bits: int
+    grid: Grid
+    global_scale: torch.Tensor | None = None
 
 
-def packed(codes, scales, bits: int) -> Packed:
-    return Packed(pack(codes, Grid(bits).word_bits).cpu(), scales.cpu(), codes.shape[-1], bits)
+def packed(codes, scales, grid: Grid, global_scale=None) -> Packed:
+    words = fp4_pack(codes) if grid.nvfp4 else pack(codes, grid.word_bits)
+    return Packed(words.cpu(), scales.cpu(), codes.shape[-1], grid, global_scale)
 
 
 def unpacked(result: Packed) -> tuple:
     """Codes and scales of a `packed` result."""
-    return unpack(result.words, Grid(result.bits).word_bits, result.cols), result.scales
+    if result.grid.nvfp4:
+        return fp4_unpack(result.words), result.scales
+    return unpack(result.words, result.grid.word_bits, result.cols), result.scales
 
 
 def write_unit(partial_dir: Path, unit: str, tensors: dict, max_bytes: int):
@@ -127,17 +139,31 @@ def targets(mine: set, others: set) -> list:
     return sorted(found)
 
 
+NVFP4 = "nvfp4"  # the layout of NVFP4 experts, where the integer ones name their container bits
+
+
+def layout(cfg) -> int | str:
+    """How a layer's experts are written: NVFP4, or integer codes in words of `cfg.container` bits."""
+    return NVFP4 if cfg.format == NVFP4 else cfg.container
+
+
 def quantization_config(group_size: int, quantized: dict, copied: dict, modules: set) -> dict:
     """One compressed-tensors config for everything the checkpoint stores quantized: the new group-`group_size`
-    experts (`quantized`: container bits -> module names, one config group per width) and the modules copied as
+    experts (`quantized`: layout (container bits or NVFP4) -> module names, one config group per layout) and the modules copied as
     the source stored them (`copied`: module name -> its compressed-tensors scheme, e.g. DeepSeek-V3's block-FP8
     attention). Every target selects exactly its group's modules among `modules` (all the checkpoint's modules)."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    schemes = [(QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False)), set(names))
-        for bits, names in sorted(quantized.items())]
+    def scheme(layout):
+        if layout == NVFP4:  # compressed-tensors' NVFP4A16 preset: weights only, activations stay as they are
+            return QuantizationScheme(targets=["Linear"], format="nvfp4-pack-quantized", weights=QuantizationArgs(
+                num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16, dynamic=False,
+                scale_dtype=torch.float8_e4m3fn))
+        return QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
+            num_bits=layout, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False))
+
+    schemes = [(scheme(layout), set(names)) for layout, names in sorted(quantized.items(), key=lambda kv: str(kv[0]))]
     for name, scheme in sorted(copied.items()):
         same = next((names for s, names in schemes if s == scheme), None)
         if same is None:
@@ -158,8 +184,8 @@ def rest_keys(ckpt, arch, n_layers: int) -> list:
 
 
 def output_quantization(ckpt, arch, n_layers: int, containers: dict, group_size: int) -> dict:
-    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 at their layer's
-    container bits (`containers`: layer -> bits), and every module copied quantized from the source (FP8
+    """The written checkpoint's one quantization config: the routed experts of layers 0..n-1 in their layer's
+    layout (`containers`: layer -> container bits or NVFP4), and every module copied quantized from the source (FP8
     attention, an MTP layer's experts) as stored."""
     modules = {k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight")}
     quantized = {}

@@ -31,6 +31,7 @@ from gsq.acts import BLOCK
 from gsq.config import derive_seed
 from gsq.errors import tensor_bytes, write_text, writing
 from gsq.experts import minibatches
+from gsq.gptq import Grid
 from gsq.export import packed
 from gsq.kernels.pack import unpack
 from gsq.quantizer import cosine, dequant
@@ -232,6 +233,6 @@ def layer_results(partial_dir, unit: str, arch, i: int, trained: tuple, cfg) -> 
     n_experts = trained[0].shape[0]
     gu, _, d, _ = read_layer(partial_dir, unit, arch, i, n_experts, cfg.container)
     inter = gu.shape[1] // 2
-    return [[packed(c, s, cfg.bits) for c, s in ((gu[e, :inter], trained[0][e, :inter]),
-                                                 (gu[e, inter:], trained[0][e, inter:]), (d[e], trained[1][e]))]
+    return [[packed(c, s, Grid(cfg.bits)) for c, s in ((gu[e, :inter], trained[0][e, :inter]),
+                                                       (gu[e, inter:], trained[0][e, inter:]), (d[e], trained[1][e]))]
             for e in range(n_experts)]

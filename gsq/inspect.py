@@ -1,10 +1,11 @@
 """`python -m gsq.inspect DIR [--original DIR] [--json]`: what a compressed-tensors checkpoint holds.
 
-Per decoder layer: its code width (one per layer; a --bits-budget run mixes 2, 3 and 4), the number of
-quantized tensors, their storage in bits per weight (packed codes plus scales, padding included) and the
-most distinct codes any one group uses (at most 2^bits: 4 at 2 bits, whatever the container). Then the totals and the checkpoint's size against the original's
-(`--original`, else the source recorded in gsq_config.json when it is still there). The codes are
-read with compressed-tensors' own unpacker, not gsq's.
+Per decoder layer: its code width (one per layer; a --bits-budget run mixes 2, 3 and 4; NVFP4 is "fp4"), the
+number of quantized tensors, their storage in bits per weight (packed codes plus scales, padding and NVFP4's
+global scales included) and the most distinct codes any one group uses (at most 2^bits: 4 at 2 bits, whatever
+the container). Then the totals and the checkpoint's size against the original's (`--original`, else the
+source recorded in gsq_config.json when it is still there). The codes are read with compressed-tensors' own
+unpackers, not gsq's.
 """
 
 import json
@@ -20,6 +21,7 @@ from safetensors import safe_open  # noqa: E402
 
 
 LAYER = re.compile(r".*layers\.(\d+)\.")
+NVFP4 = "nvfp4-pack-quantized"
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -42,6 +44,7 @@ def tensor_parallel_sizes(hidden: int, widths: set, heads: int, group: int) -> l
 
 
 def inspect(path: Path) -> dict:
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.utils.match import match_name
 
@@ -55,12 +58,12 @@ def inspect(path: Path) -> dict:
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise InputError(f"{path} has no compressed-tensors quantization_config: nothing quantized to inspect")
-    # the integer pack-quantized groups (gsq's experts, one per container width); others describe modules copied
-    # as the source stored them
-    schemes = [g for g in qc["config_groups"].values() if (g.get("weights") or {}).get("type") == "int"
-               and (g.get("format") or qc.get("format")) == "pack-quantized"]
+    # the integer pack-quantized groups (gsq's experts, one per container width) or the NVFP4 one; others describe
+    # modules copied as the source stored them
+    schemes = [g for g in qc["config_groups"].values() if ((g.get("weights") or {}).get("type"),
+               g.get("format") or qc.get("format")) in (("int", "pack-quantized"), ("float", NVFP4))]
     if not schemes:
-        raise InputError(f"{path} has no integer pack-quantized config group: nothing gsq wrote to inspect")
+        raise InputError(f"{path} has no integer pack-quantized or NVFP4 config group: nothing gsq wrote to inspect")
     if len({s["weights"]["group_size"] for s in schemes}) > 1:
         raise InputError(f"{path} mixes group sizes across its pack-quantized config groups: gsq.inspect reads one")
     group = schemes[0]["weights"]["group_size"]
@@ -79,13 +82,19 @@ def inspect(path: Path) -> dict:
                     continue
                 container = scheme["weights"]["num_bits"]
                 packed, scale = f.get_tensor(name), f.get_tensor(key + ".weight_scale")
-                shape = f.get_tensor(key + ".weight_shape")
-                codes = unpack_from_int32(packed, container, shape)
-                shapes.add(tuple(shape.tolist()))
                 m = LAYER.match(name)
                 i = int(m.group(1)) if m else -1
+                if (scheme.get("format") or qc.get("format")) == NVFP4:
+                    codes = unpack_fp4_from_uint8(packed, packed.shape[0], 2 * packed.shape[1])
+                    scale = torch.cat([scale.flatten().view(torch.uint8), f.get_tensor(key + ".weight_global_scale")
+                                       .view(torch.uint8)])  # (bytes only)
+                    bits = "fp4"
+                else:
+                    shape = f.get_tensor(key + ".weight_shape")
+                    codes = unpack_from_int32(packed, container, shape)
+                    bits = plan.get(str(i), {}).get("bits") or (run.get("bits", container) if not plan else container)
+                shapes.add(tuple(codes.shape))
                 row = layers[i]
-                bits = plan.get(str(i), {}).get("bits") or (run.get("bits", container) if not plan else container)
                 if row["tensors"] and (row["bits"], row["container_bits"]) != (bits, container):
                     raise InputError(f"layer {i} mixes code widths across its experts ({key}): vLLM serves one per layer")
                 row.update(bits=bits, container_bits=container)
@@ -99,14 +108,15 @@ def inspect(path: Path) -> dict:
     text = config.get("text_config", config)
     hidden = text["hidden_size"]
     widths = {(r["bits"], r["container_bits"]) for r in layers.values()}
-    bits, container = max(widths) if len(widths) == 1 else ("mixed", "mixed")
+    bits, container = widths.pop() if len(widths) == 1 else ("mixed", "mixed")
     report = {"checkpoint": str(path), "bits": bits, "container_bits": container, "group_size": group,
               "layers": {i: {**r, "bits_per_weight": 8 * r["bytes"] / r["weights"]} for i, r in sorted(layers.items())},
               "quantized": {**total, "bits_per_weight": 8 * total["bytes"] / total["weights"],
                             "max_distinct": max(r["max_distinct"] for r in layers.values())},
               "checkpoint_bytes": checkpoint_bytes(path),
-              "vllm_tensor_parallel": tensor_parallel_sizes(hidden, {d for shape in shapes for d in shape if d != hidden}
-                                                            or {hidden}, text["num_attention_heads"], group)}
+              "vllm_tensor_parallel": None if bits == "fp4" else tensor_parallel_sizes(
+                  hidden, {d for shape in shapes for d in shape if d != hidden} or {hidden}, text["num_attention_heads"],
+                  group)}
     return report
 
 
@@ -130,8 +140,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    widths = "mixed widths" if report["bits"] == "mixed" else \
-        f"{report['bits']}-bit codes in {report['container_bits']}-bit words"
+    widths = {"mixed": "mixed widths", "fp4": "NVFP4 (E2M1 codes, an FP8 scale per 16 inputs, a global scale per "
+              "tensor)"}.get(report["bits"], f"{report['bits']}-bit codes in {report['container_bits']}-bit words")
     print(f"{path}: {widths}, group {report['group_size']}")
     print(f"{'layer':>6}{'bits':>6}{'tensors':>9}{'weights':>12}{'bits/weight':>13}{'max codes/group':>17}")
     for i, r in report["layers"].items():
@@ -144,13 +154,17 @@ def main(argv=None):
         line += (f", original {report['original_bytes'] / 2**20:.2f} MiB "
                  f"({report['checkpoint_bytes'] / report['original_bytes']:.3f}x)")
     print(line)
-    tp = ", ".join(map(str, report["vllm_tensor_parallel"])) or "none"
-    print(f"vLLM 0.33 loads it at tensor-parallel sizes: {tp} (hidden size and each rank's share of the expert "
-          f"width must be multiples of group {report['group_size']}); expert parallelism "
-          "(--enable-expert-parallel) does not split the experts, so this limit does not apply to it")
+    if report["vllm_tensor_parallel"] is None:
+        print("vLLM 0.33 serves NVFP4 experts weight-only with its Marlin or Humming MoE kernels (eval/vllm/nvfp4.md)")
+    else:
+        tp = ", ".join(map(str, report["vllm_tensor_parallel"])) or "none"
+        print(f"vLLM 0.33 loads it at tensor-parallel sizes: {tp} (hidden size and each rank's share of the expert "
+              f"width must be multiples of group {report['group_size']}); expert parallelism "
+              "(--enable-expert-parallel) does not split the experts, so this limit does not apply to it")
     for i, r in report["layers"].items():
-        if r["max_distinct"] > 2 ** r["bits"]:
-            raise InputError(f"a group of layer {i} uses {r['max_distinct']} distinct codes, more than {2 ** r['bits']} "
+        most = 2 ** r["container_bits"] if r["bits"] == "fp4" else 2 ** r["bits"]
+        if r["max_distinct"] > most:
+            raise InputError(f"a group of layer {i} uses {r['max_distinct']} distinct codes, more than {most} "
                              f"for {r['bits']}-bit quantization")
 
 

@@ -178,7 +178,7 @@ def run(cfg: Config) -> dict:
                 layer_pass(model, layer, stores, compute)
             if writer:
                 export.write_unit(partial_dir, export.unit_name(i), export.layer_shard(source.ckpt, arch, i, final,
-                                                                                       here.container), cfg.max_shard_bytes)
+                                                                                       export.layout(here)), cfg.max_shard_bytes)
             del final
         stats.update(seconds=round(time.time() - t_layer, 1), peak_rss_mb=walk.peak_rss_mb(), rss_mb=walk.current_rss_mb())
         if device.type == "cuda":
@@ -212,7 +212,7 @@ def run(cfg: Config) -> dict:
     config = json.loads((source.path / "config.json").read_text())
     config.get("text_config", {}).pop("quantization_config", None)  # one config, at the top, describes it all
     config["quantization_config"] = export.output_quantization(
-        source.ckpt, arch, source.n_layers, {i: budget.at(cfg, widths, i).container for i in sizes}, cfg.group_size)
+        source.ckpt, arch, source.n_layers, {i: export.layout(budget.at(cfg, widths, i)) for i in sizes}, cfg.group_size)
     record.update(seconds=round(time.time() - t0, 1), peak_rss_mb=walk.peak_rss_mb())
     _, inter, hidden = adapter.expert_shape(next(layer for layer in model.model.layers if adapter.is_moe(layer)))
     tp = tensor_parallel_sizes(hidden, {inter}, model.config.num_attention_heads, cfg.group_size)

@@ -67,16 +67,18 @@ class ExpertLogits(torch.nn.Module):
     and the group scales."""
 
     def __init__(self, codes: list, scales: list, grid: Grid, sigma: float, alpha: float, experts: list,
-                 logits_dtype=torch.float32):
+                 logits_dtype=torch.float32, global_scales: list | None = None):
         """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `experts`: each
-        expert's (run seed, layer, expert), where its noise is derived from. On a `local` grid (3, 4 bits) the
-        logits choose shifts of the init code."""
+        expert's (run seed, layer, expert), where its noise is derived from. On a `local` grid (3, 4 bits,
+        NVFP4) the logits choose shifts of the init code's level index. `global_scales`: per projection, the
+        experts' NVFP4 global scales `[E]` (what the final scales are rounded with)."""
         super().__init__()
         choices = grid.choices().to(codes[0].device)
         self.register_buffer("grid", choices)
-        self.qrange = (grid.qmin, grid.qmax)
+        self.spec, self.global_scales = grid, global_scales or [None] * 3
+        self.table = grid.levels().to(codes[0].device) if grid.local else None
         self.experts = experts
-        self.base = [q if grid.local else None for q in codes]
+        self.base = [grid.index(q) if grid.local else None for q in codes]
         self.logits = torch.nn.ParameterList()
         for p, q in enumerate(codes):
             start = torch.zeros_like(q) if grid.local else q
@@ -90,17 +92,22 @@ class ExpertLogits(torch.nn.Module):
         projection, its seed derived from (run, layer, expert, projection, step))."""
         seeds = torch.tensor([[derive_seed(*path, p, t) for path in self.experts] for p in range(3)],
                              dtype=torch.int64) % 2**62
-        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i].to(l.device), self.base[i], *self.qrange,
+        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i].to(l.device), self.base[i], self.table,
                              out_dtype=dtype) for i, (l, s) in enumerate(zip(self.logits, self.scales))]
 
     @torch.no_grad()
     def hard(self, scale_dtype):
-        """Final codes (argmax of the logits) and scales rounded to the checkpoint's dtype."""
+        """Final codes (argmax of the logits) and scales as stored: rounded to the checkpoint's dtype, or on
+        NVFP4 made positive (the grid is symmetric: a negative scale's codes change sign) and rounded to FP8
+        with the global scale."""
         out = []
-        for l, s, base in zip(self.logits, self.scales, self.base):
-            s = s.to(scale_dtype)
-            codes, _ = hard_codes(l, s.float(), self.grid, base, *self.qrange)
-            out.append(Quantized(codes, s))
+        for l, s, base, g in zip(self.logits, self.scales, self.base, self.global_scales):
+            codes, _ = hard_codes(l, s.float(), self.grid, base, self.table)
+            if self.spec.nvfp4:
+                codes = torch.where(s.repeat_interleave(codes.shape[-1] // s.shape[-1], -1) < 0, -codes, codes)
+                out.append(Quantized(codes, self.spec.round_scales(s.abs(), g)))
+            else:
+                out.append(Quantized(codes, s.to(scale_dtype)))
         return out
 
 

@@ -128,3 +128,65 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _unpack_kernel[(triton.cdiv(R, block_r), triton.cdiv(n, block_n))](
         flat, codes, R, n, W, BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n)
     return codes.reshape(*words.shape[:-1], n)
+
+
+# NVFP4 (compressed-tensors `nvfp4-pack-quantized`): each code is an E2M1 nibble, sign in bit 3 and the
+# magnitude's index into {0, 0.5, 1, 1.5, 2, 3, 4, 6} in bits 0-2; two per byte along the row, the even
+# element in the low nibble. gsq holds E2M1 values doubled, as integers: -12..12.
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12)
+
+
+def fp4_pack_ref(codes: torch.Tensor) -> torch.Tensor:
+    """int8 doubled E2M1 values `[..., n]` (n even) -> uint8 `[..., n / 2]`."""
+    a = codes.to(torch.int64).abs()
+    mag = torch.searchsorted(torch.tensor(E2M1_DOUBLED, device=codes.device), a)
+    nibble = mag | ((codes < 0).long() << 3)
+    return (nibble[..., 0::2] | (nibble[..., 1::2] << 4)).to(torch.uint8)
+
+
+def fp4_unpack_ref(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 `[..., n / 2]` -> int8 doubled E2M1 values `[..., n]` (negative zero reads 0)."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2).long()
+    value = torch.tensor(E2M1_DOUBLED, device=packed.device)[nibbles & 7]
+    return torch.where(nibbles >= 8, -value, value).to(torch.int8)
+
+
+@triton.jit
+def _fp4_pack_kernel(codes_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # output bytes
+    mask = offs < numel
+    lo = tl.load(codes_ptr + 2 * offs.to(tl.int64), mask=mask, other=0).to(tl.int32)
+    hi = tl.load(codes_ptr + 2 * offs.to(tl.int64) + 1, mask=mask, other=0).to(tl.int32)
+    out = _nibble(lo) | (_nibble(hi) << 4)
+    tl.store(out_ptr + offs, out.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _nibble(q):
+    a = tl.abs(q)
+    mag = tl.where(a <= 4, a, tl.where(a == 6, 5, tl.where(a == 8, 6, 7)))
+    return mag | tl.where(q < 0, 8, 0)
+
+
+def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 doubled E2M1 values `[..., n]` (n even) into uint8 `[..., n / 2]`, as compressed-tensors
+    stores `weight_packed` of NVFP4."""
+    if codes.dtype != torch.int8 or codes.shape[-1] % 2:
+        raise ValueError(f"need int8 codes with an even row length, got {codes.dtype} {tuple(codes.shape)}")
+    bad = ~torch.isin(codes.abs(), torch.tensor(E2M1_DOUBLED, dtype=torch.int8, device=codes.device))
+    if bad.any():
+        raise ValueError(f"codes {sorted(set(codes[bad].tolist()))[:5]} are not doubled E2M1 values")
+    if not (codes.is_cuda or INTERPRET):
+        return fp4_pack_ref(codes)
+    flat = codes.contiguous().reshape(-1)
+    out = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=codes.device)
+    block = 1024 if codes.is_cuda else 256
+    _fp4_pack_kernel[(triton.cdiv(out.numel(), block),)](flat, out, out.numel(), BLOCK=block)
+    return out.reshape(*codes.shape[:-1], codes.shape[-1] // 2)
+
+
+def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fp4_pack`."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"need uint8 bytes, got {packed.dtype}")
+    return fp4_unpack_ref(packed)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from gsq.gptq import Grid
 from gsq.kernels import fake_quant as FQ
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,42 +50,52 @@ def test_backward_matches_reference_given_the_same_noise(dtype):
     torch.testing.assert_close(scales.grad, dscales, rtol=1e-4, atol=1e-5)
 
 
+INT3 = torch.arange(-4.0, 4.0)
+TABLES = {"int4": (torch.arange(-8.0, 8.0), G), "nvfp4": (Grid(4, "nvfp4").levels(), 16)}
+
+
 @pytest.mark.parametrize("local_shifts", [False, True])
 def test_reference_gradient_matches_autograd_in_float64(local_shifts):
     gen = torch.Generator().manual_seed(7)
-    grid, base, levels = (GRID.cpu(), None, 4) if not local_shifts else (torch.arange(-2.0, 3.0), None, 5)
-    if local_shifts:  # 3-bit codes in [-4, 3] moved by -2..+2; shifts that leave the range are excluded
-        base = torch.randint(-4, 4, (1, 5, 256), generator=gen, dtype=torch.int8)
+    grid, base, table, levels = (GRID.cpu(), None, None, 4) if not local_shifts else (torch.arange(-2.0, 3.0), None, INT3, 5)
+    if local_shifts:  # 3-bit codes' indices 0..7 moved by -2..+2; shifts that leave the table are excluded
+        base = torch.randint(0, 8, (1, 5, 256), generator=gen, dtype=torch.int8)
     logits = torch.randn(1, 5, 256, levels, generator=gen, dtype=torch.float64, requires_grad=True)
     scales = torch.randn(1, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     noise = torch.randn(1, 5, 256, levels, generator=gen, dtype=torch.float64)
     upstream = torch.randn(1, 5, 256, generator=gen, dtype=torch.float64)
-    w = FQ.soft_weights_ref(logits, scales, grid, TAU, KAPPA, noise, base, -4, 3)
+    w = FQ.soft_weights_ref(logits, scales, grid, TAU, KAPPA, noise, base, table)
     w.backward(upstream)
     dlogits, dscales = FQ.soft_weights_bwd_ref(upstream, logits.detach(), scales.detach(), grid, TAU, KAPPA,
-                                               noise, base, -4, 3)
+                                               noise, base, table)
     torch.testing.assert_close(dlogits, logits.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dscales, scales.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_local_shifts_kernel_matches_reference():
+@pytest.mark.parametrize("name", TABLES)
+def test_local_shifts_kernel_matches_reference(name):
+    # the level set is data: the same kernel over the 4-bit integer levels and over NVFP4's (groups of 16)
+    table, group = TABLES[name]
     gen = torch.Generator().manual_seed(9)
     grid = torch.arange(-2.0, 3.0, device=DEV)
     logits = torch.randn(E, OUT, IN, 5, generator=gen).to(DEV).requires_grad_(True)
-    scales = torch.randn(E, OUT, IN // G, generator=gen).to(DEV).requires_grad_(True)
-    base = torch.randint(-8, 8, (E, OUT, IN), generator=gen, dtype=torch.int8).to(DEV)
+    scales = torch.randn(E, OUT, IN // group, generator=gen).to(DEV).requires_grad_(True)
+    base = torch.randint(0, table.numel(), (E, OUT, IN), generator=gen, dtype=torch.int8).to(DEV)
     noise = FQ.gumbel_ref(torch.tensor([3, 4]), (OUT, IN, 5), DEV)
     upstream = torch.randn(E, OUT, IN, generator=gen).to(DEV)
-    w = FQ.soft_weights(logits, scales, grid, TAU, KAPPA, [3, 4], base, -8, 7, noise=noise)
+    w = FQ.soft_weights(logits, scales, grid, TAU, KAPPA, [3, 4], base, table, noise=noise)
     w.backward(upstream)
-    want = FQ.soft_weights_ref(logits.detach(), scales.detach(), grid, TAU, KAPPA, noise, base, -8, 7)
+    want = FQ.soft_weights_ref(logits.detach(), scales.detach(), grid, TAU, KAPPA, noise, base, table)
     dlogits, dscales = FQ.soft_weights_bwd_ref(upstream, logits.detach(), scales.detach(), grid, TAU, KAPPA,
-                                               noise, base, -8, 7)
+                                               noise, base, table)
     torch.testing.assert_close(w.detach(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits.grad, dlogits, rtol=1e-4, atol=1e-4)  # unit-size scales here
     torch.testing.assert_close(scales.grad, dscales, rtol=1e-4, atol=1e-4)
-    codes, _ = FQ.hard_codes(logits.detach(), scales.detach(), grid, base, -8, 7)
-    assert codes.min() >= -8 and codes.max() <= 7 and (codes.int() - base.int()).abs().max() <= 2
+    codes, deq = FQ.hard_codes(logits.detach(), scales.detach(), grid, base, table)
+    want_codes, want_deq = FQ.hard_codes_ref(logits.detach(), scales.detach(), grid, base, table)
+    assert torch.equal(codes, want_codes) and torch.equal(deq, want_deq)
+    index = torch.searchsorted(table.to(DEV), codes.float().contiguous())
+    assert torch.equal(table.to(DEV)[index], codes.float()) and (index - base.long()).abs().max() <= 2
 
 
 def test_drawn_noise_is_bit_identical_in_forward_and_backward():

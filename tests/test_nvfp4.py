@@ -1,0 +1,111 @@
+"""NVFP4 (`--format nvfp4`): the E2M1 grid and its rounding as compressed-tensors defines them, the FP8 group
+scales, and a written checkpoint read back by compressed-tensors' own NVFP4 decompressor, gsq.inspect and
+gsq.eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
+from conftest import FAST, ROOT, TINY_MODEL, WIKI_TEST, quantize
+from safetensors import safe_open
+
+from gsq.gptq import Grid, global_scales, mse_scales, rtn
+from gsq.kernels.pack import fp4_pack, fp4_unpack
+from gsq.quantizer import dequant
+
+GRID = Grid(4, "nvfp4")
+NO_FINETUNE = [a for a in FAST if a not in ("--finetune-scales", "2")]
+
+
+def test_rounding_is_compressed_tensors_e2m1():
+    # every tie between two levels, points just off them, the ends and beyond: gsq holds E2M1 values doubled
+    x = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.2501, 0.7499, 2.4999, 5.0001, 6.0, 7.5, 100.0])
+    x = torch.cat([x, -x, torch.linspace(-7, 7, 1001)])
+    want = FP4_E2M1_DATA.cast_to_fp4(x)
+    assert torch.equal(GRID.nearest(2 * x).float() / 2, want)
+    assert GRID.levels().numel() == 15 and torch.equal(GRID.levels(), GRID.levels().sort().values)
+
+
+def test_packing_is_compressed_tensors_bytes():
+    codes = GRID.levels().to(torch.int8)[torch.randint(0, 15, (6, 64), generator=torch.Generator().manual_seed(0))]
+    codes[codes == 0] = 1  # compressed-tensors writes a rounded-to-zero value as -0 (0x8); gsq writes +0
+    theirs = pack_fp4_to_uint8(codes.float() / 2)
+    assert torch.equal(fp4_pack(codes), theirs) and torch.equal(fp4_unpack(theirs), codes)
+
+
+def test_scale_search_beats_compressed_tensors_amax_scales():
+    # the MSE search over FP8 scales against compressed-tensors' own choice (amax / 6 per group, FP8-rounded)
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    g = global_scales(W, W, W)[0]
+    ours = mse_scales(W, GRID, 16, global_scale=g)
+    assert torch.equal(GRID.round_scales(ours, g), ours)  # already as stored: FP8 x the global scale
+    amax = W.unflatten(-1, (-1, 16)).abs().amax(-1)
+    theirs = GRID.round_scales(amax / 12, g)  # doubled levels: half the stored scale
+    err = [(W - dequant(rtn(W, s, GRID), s)).pow(2).sum() for s in (ours, theirs)]
+    assert err[0] < 0.95 * err[1]
+
+
+@pytest.fixture(scope="module")
+def nvfp4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvfp4") / "tiny-nvfp4"
+    proc = quantize("--out", str(out), *NO_FINETUNE, "--format", "nvfp4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def tensors(path):
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if ".experts." in k})
+    return out
+
+
+def test_decompressor_and_gsq_agree_bit_for_bit_on_every_expert(nvfp4):
+    qc = json.loads((nvfp4 / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "nvfp4-pack-quantized" and len(qc["config_groups"]) == 1
+    scheme = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
+    t = tensors(nvfp4)
+    keys = sorted(k[: -len(".weight_packed")] for k in t if k.endswith(".weight_packed"))
+    assert len(keys) == 6 * 8 * 3 and not any(k.endswith(".weight_shape") for k in t)
+    distinct = set()
+    for key in keys:
+        parts = {p: t[f"{key}.{p}"] for p in ("weight_packed", "weight_scale", "weight_global_scale")}
+        assert parts["weight_packed"].dtype == torch.uint8 and parts["weight_scale"].dtype == torch.float8_e4m3fn
+        dense = NVFP4PackedCompressor.decompress(dict(parts), scheme)["weight"]
+        codes = fp4_unpack(parts["weight_packed"])  # gsq's reading: doubled codes, half the stored scale
+        held = parts["weight_scale"].float() / parts["weight_global_scale"] / 2
+        assert torch.equal(dense, dequant(codes, held).to(torch.bfloat16)), key
+        distinct.update(codes.unique().tolist())
+        if key.endswith("gate_proj"):  # vLLM's fused MoE reads gate_proj's global scale for gate and up
+            assert torch.equal(parts["weight_global_scale"], t[key[: -len("gate_proj")] + "up_proj.weight_global_scale"])
+    assert len(distinct) > 8  # the float grid's levels, not a 3-bit subset
+
+
+def test_inspect_and_eval_read_it(nvfp4):
+    proc = subprocess.run([sys.executable, "-m", "gsq.inspect", str(nvfp4), "--json"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["bits"] == "fp4" and report["group_size"] == 16
+    assert report["quantized"]["bits_per_weight"] == pytest.approx(4.5, abs=0.01)
+    watch = json.loads((nvfp4 / "gsq_run.json").read_text())["ppl"]
+    proc = subprocess.run([sys.executable, "-m", "gsq.eval", "--model", str(nvfp4), "--data-file", str(WIKI_TEST),
+                           "--seqlen", "128", "--max-windows", "4", "--json", "--no-card"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ppl = json.loads(proc.stdout)["ppl"]
+    assert abs(ppl - watch[-1]["ppl"]) < 0.01 * watch[-1]["ppl"]  # transformers alone would not decode the experts
+
+
+@pytest.mark.parametrize("flags, says", [(["--bits", "2"], "drop --bits 2"), (["--bits-budget", "2.5"], "drop --bits-budget"),
+                                         (["--group-size", "32"], "drop --group-size 32")])
+def test_nvfp4_refuses_settings_it_fixes(tmp_path, flags, says):
+    proc = quantize("--out", str(tmp_path / "x"), "--format", "nvfp4", *flags, "--dry-run", model=TINY_MODEL)
+    assert proc.returncode != 0 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
