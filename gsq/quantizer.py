@@ -119,8 +119,12 @@ ROWS = 256  # an expert's tokens in a step are padded to a multiple of this
 
 
 def optimizer(model: ExpertLogits, cfg) -> Lion:
-    return Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "weight_decay": cfg.weight_decay},
-                 {"params": list(model.scales), "lr": cfg.lr_scales, "weight_decay": 0.0}],
+    """Lion over the logits and the scales; each group keeps its `base_lr` (the cosine decay scales it). A step
+    of Lion is lr itself, whatever the gradient: the scales' rate is --lr-scales times the grid's `scale_lr`."""
+    scales_lr = cfg.lr_scales * model.spec.scale_lr
+    return Lion([{"params": list(model.logits), "lr": cfg.lr_logits, "base_lr": cfg.lr_logits,
+                  "weight_decay": cfg.weight_decay},
+                 {"params": list(model.scales), "lr": scales_lr, "base_lr": scales_lr, "weight_decay": 0.0}],
                 lr=cfg.lr_logits, betas=cfg.lion_betas)
 
 
@@ -133,8 +137,8 @@ def step(model: ExpertLogits, opt: Lion, xs: list, fp: tuple, t: int, steps: int
     expert on `xt[e]` (the tokens' inputs in the original model) when given, else on `xs[e]`; experts with no
     token do not move. Returns the per-expert losses (NaN where no token)."""
     tau, kappa = linear(*cfg.tau, t, steps), linear(*cfg.kappa, t, steps)
-    for g, lr in zip(opt.param_groups, (cfg.lr_logits, cfg.lr_scales)):
-        g["lr"] = lr * cosine(t, steps, cfg.lr_final)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * cosine(t, steps, cfg.lr_final)
     soft = model.soft(tau, kappa, t, dtype)  # fresh noise every step
     # one expert at a time through the SwiGLU (token counts differ; memory is one expert's tokens), each
     # with its own leaf of the soft weights, then one backward through the fused fake-quant
