@@ -96,9 +96,9 @@ quantize:
 prune:
 	$(PY) -m gsq.prune --model $(MODEL) --out $(PRUNED) --keep $(KEEP) $(PRESET) $(PRUNE_ARGS)
 
-# Prune, then GSQ 2-bit quantize the pruned model: PRUNED, then PRUNED-gsq-w2.
+# Prune, then GSQ quantize the pruned model: PRUNED, then PRUNED-gsq-w2 (PRUNED-gsq-nvfp4 with ARGS="--format nvfp4").
 compress: prune
-	$(PY) -m gsq.quantize --model $(PRUNED) --out $(PRUNED)-gsq-w2 $(PRESET) $(EVAL_DATA) $(ARGS)
+	$(PY) -m gsq.quantize --model $(PRUNED) --out $(PRUNED)-gsq-$(if $(findstring nvfp4,$(ARGS)),nvfp4,w2) $(PRESET) $(EVAL_DATA) $(ARGS)
 
 # WikiText-2 test perplexity of MODEL (the bundled tiny MoE unless MODEL=... is given).
 eval:

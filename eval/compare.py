@@ -1,14 +1,16 @@
 """Side by side: quantize one model with several methods (or settings) and evaluate each against it.
 
-    python eval/compare.py --model models/tiny-deepseek-v3 [--run NAME=ARGS ...] [--record PATH]
+    python eval/compare.py --model models/tiny-deepseek-v3 [--run NAME=ARGS ...] [--nvfp4] [--record PATH] [--resume]
 
 Each run is `python -m gsq.quantize --model MODEL --out WORK/NAME ARGS` (the bundled tiny model gets
 `--preset tiny` first), then `python -m gsq.eval --model WORK/NAME --reference MODEL --json` on the
 WikiText-2 test split: KL(original || quantized), top-1 agreement and perplexity. Without --run the
-three methods are compared on equal terms: gsq, gptq, rtn; `--llmcompressor PYTHON` adds llm-compressor's
+three methods are compared on equal terms: gsq, gptq, rtn (and again on the NVFP4 grid with --nvfp4, each
+NVFP4 row's ratio taken against GPTQ on NVFP4); `--llmcompressor PYTHON` adds llm-compressor's
 GPTQ W2A16 on the same experts and calibration tokens (eval/llmcompressor_gptq.py, run in its own
 environment because it pins other transformers and compressed-tensors versions). Prints a Markdown table and writes a JSON
-record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory),
+record (settings, git commit, device, per-method metrics, per-layer errors, wall time, peak memory; rewritten
+after every run, so `--resume` goes on from a comparison cut short: eval/record.py),
 the table beside it (.md) and two plots (.png, with matplotlib): perplexity as layers are quantized,
 per method, and the distribution over experts of GSQ's reconstruction-error reduction against its init.
 """
@@ -22,9 +24,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
-
-from local_data import BUNDLED, CALIBRATION, ROOT, TINY, WIKI_TEST, tiny_flags
+from local_data import BUNDLED, CALIBRATION, ROOT, TINY, side_by_side_flags, tiny_flags
+from record import Record
 DEFAULT_RUNS = ["gsq=--method gsq", "gptq=--method gptq", "rtn=--method rtn"]
 
 
@@ -77,7 +78,8 @@ def table(runs: dict, base: str) -> str:
     lines = ["| method | KL to original | top-1 agreement | perplexity | KL / " + base + " | quantize time |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
-        ratio = r["kl"] / runs[base]["kl"] if base in runs else float("nan")
+        same_grid = f"{base} nvfp4" if name.endswith(" nvfp4") else base  # NVFP4 rows: against GPTQ on NVFP4
+        ratio = r["kl"] / runs[same_grid]["kl"] if same_grid in runs else float("nan")
         lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1']:.2f}% | {r['ppl']:.2f} | {ratio:.2f} | "
                      f"{r['quantize_seconds']:.0f} s |")
     return "\n".join(lines)
@@ -127,39 +129,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(TINY.relative_to(ROOT)))
     ap.add_argument("--run", action="append", help="NAME=QUANTIZE_ARGS (repeatable; default: gsq, gptq, rtn)")
-    ap.add_argument("--data-file", default=str(WIKI_TEST))
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--max-windows", type=int)
-    ap.add_argument("--work", default="out/compare", help="where the checkpoints are written")
-    ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by")
-    ap.add_argument("--record", help="JSON record (default eval/results/<model>-compare-<date>.json)")
-    ap.add_argument("--quiet", action="store_true", help="hide the quantize runs' output")
+    ap.add_argument("--nvfp4", action="store_true", help="add the three methods on the NVFP4 grid (--format nvfp4)")
+    side_by_side_flags(ap, "out/compare", "eval/results/<model>-compare-<date>.json")
+    ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by (its NVFP4 run for "
+                                                   "NVFP4 rows)")
     ap.add_argument("--llmcompressor", metavar="PYTHON",
                     help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 as a reference")
     args = ap.parse_args()
+    specs = args.run or DEFAULT_RUNS
+    if args.nvfp4:
+        specs = [*specs, *(f"{spec.partition('=')[0]} nvfp4={spec.partition('=')[2]} --format nvfp4"
+                           for spec in DEFAULT_RUNS)]
+    path = Path(args.record or f"eval/results/{Path(args.model).name}-compare-{date.today()}.json")
+    record = Record(path, {"model": args.model, "runs_asked": specs,
+                           "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows}},
+                    "runs", args.resume)
 
     runs = {}
-    for spec in args.run or DEFAULT_RUNS:
+    for spec in specs:
         name, _, extra = spec.partition("=")
-        runs[name] = run_one(name, extra, args)
+        runs[name] = record.row(name, lambda: run_one(name, extra, args))
     if args.llmcompressor:
-        runs["llm-compressor GPTQ W2A16"] = run_llmcompressor(args.llmcompressor, args)
+        runs["llm-compressor GPTQ W2A16"] = record.row("llm-compressor GPTQ W2A16",
+                                                       lambda: run_llmcompressor(args.llmcompressor, args))
     else:
         print("llm-compressor reference not run: pass --llmcompressor PYTHON (an environment with llmcompressor)")
     print(table(runs, args.base))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    record = {"date": date.today().isoformat(), "commit": commit, "device": device, "model": args.model,
-              "eval": {"data_file": args.data_file, "seqlen": args.seqlen, "max_windows": args.max_windows},
-              "runs": runs}
-    path = Path(args.record or f"eval/results/{Path(args.model).name}-compare-{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record.save(complete=True)
     path.with_suffix(".md").write_text(table(runs, args.base) + "\n")
     print(f"recorded {path} and its table (.md)")
     for png in plots(runs, path.with_suffix("")):
         print(f"plotted {png}")
-
 
 if __name__ == "__main__":
     main()
