@@ -41,18 +41,22 @@ def run_one(name: str, extra: str, args) -> dict:
                                        "ppl_watch": record["ppl"], "layers": layers})
 
 
-def run_llmcompressor(python: str, args) -> dict:
-    """llm-compressor's GPTQ W2A16 on the same experts and calibration tokens (eval/llmcompressor_gptq.py,
-    run by `python`, the interpreter of an environment where llm-compressor is installed)."""
-    out = Path(args.work) / "llmcompressor-gptq"
-    cmd = [python, str(ROOT / "eval" / "llmcompressor_gptq.py"), "--model", args.model, "--out", str(out)]
+def run_llmcompressor(python: str, args, scheme: str = "W2A16") -> dict:
+    """llm-compressor's GPTQ W2A16 (or its NVFP4A16) on the same experts and calibration tokens
+    (eval/llmcompressor_gptq.py, run by `python`, the interpreter of an environment where llm-compressor is installed)."""
+    out = Path(args.work) / f"llmcompressor-{scheme}"
+    cmd = [python, str(ROOT / "eval" / "llmcompressor_gptq.py"), "--model", args.model, "--out", str(out),
+           "--scheme", scheme]
     if Path(args.model).resolve() in BUNDLED:
         cmd += ["--preset", "tiny", "--dataset", str(CALIBRATION)]
     seconds = timed(cmd, args.quiet)
     version = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
                              capture_output=True, text=True).stdout.strip()
-    return evaluated("llm-compressor GPTQ W2A16", out, args, {"args": f"llmcompressor {version}, W2A16 g128",
-                                                             "quantize_seconds": seconds})
+    what = "GPTQ W2A16 g128" if scheme == "W2A16" else "NVFP4A16 (QuantizationModifier)"
+    return evaluated(LLMC[scheme], out, args, {"args": f"llmcompressor {version}, {what}", "quantize_seconds": seconds})
+
+
+LLMC = {"W2A16": "llm-compressor GPTQ W2A16", "NVFP4A16": "llm-compressor NVFP4A16"}
 
 
 def timed(cmd: list, quiet: bool) -> float:
@@ -78,7 +82,8 @@ def table(runs: dict, base: str) -> str:
     lines = ["| method | KL to original | top-1 agreement | perplexity | KL / " + base + " | quantize time |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
-        same_grid = f"{base} nvfp4" if name.endswith(" nvfp4") else base  # NVFP4 rows: against GPTQ on NVFP4
+        nvfp4 = "nvfp4" in name.lower() and "nvfp4" not in base
+        same_grid = f"{base} nvfp4" if nvfp4 else base  # NVFP4 rows: against GPTQ on NVFP4
         ratio = r["kl"] / runs[same_grid]["kl"] if same_grid in runs else float("nan")
         lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1']:.2f}% | {r['ppl']:.2f} | {ratio:.2f} | "
                      f"{r['quantize_seconds']:.0f} s |")
@@ -134,7 +139,8 @@ def main():
     ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by (its NVFP4 run for "
                                                    "NVFP4 rows)")
     ap.add_argument("--llmcompressor", metavar="PYTHON",
-                    help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 as a reference")
+                    help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 (and with --nvfp4 its "
+                         "NVFP4A16) as a reference")
     args = ap.parse_args()
     specs = args.run or DEFAULT_RUNS
     if args.nvfp4:
@@ -150,8 +156,8 @@ def main():
         name, _, extra = spec.partition("=")
         runs[name] = record.row(name, lambda: run_one(name, extra, args))
     if args.llmcompressor:
-        runs["llm-compressor GPTQ W2A16"] = record.row("llm-compressor GPTQ W2A16",
-                                                       lambda: run_llmcompressor(args.llmcompressor, args))
+        for scheme in ["W2A16", "NVFP4A16"][: 2 if args.nvfp4 else 1]:
+            runs[LLMC[scheme]] = record.row(LLMC[scheme], lambda: run_llmcompressor(args.llmcompressor, args, scheme))
     else:
         print("llm-compressor reference not run: pass --llmcompressor PYTHON (an environment with llmcompressor)")
     print(table(runs, args.base))

@@ -1,7 +1,8 @@
-"""The external reference: llm-compressor's GPTQ W2A16 (int2, symmetric, group 128) on the same routed
+"""The external reference: llm-compressor's GPTQ W2A16 (int2, symmetric, group 128), or its NVFP4A16 (`--scheme
+NVFP4A16`: its QuantizationModifier, the recipe llm-compressor documents for NVFP4 weights), on the same routed
 experts and the same calibration tokens as gsq, saved as a compressed-tensors checkpoint.
 
-    PYTHON_WITH_LLMCOMPRESSOR eval/llmcompressor_gptq.py --model DIR --out DIR [--preset tiny]
+    PYTHON_WITH_LLMCOMPRESSOR eval/llmcompressor_gptq.py --model DIR --out DIR [--preset tiny] [--scheme NVFP4A16]
 
 llm-compressor pins older transformers and compressed-tensors than gsq, so it lives in its own
 environment (`python -m venv V && V/bin/pip install torch==2.13.0 llmcompressor`); this script runs
@@ -31,12 +32,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="", help="gsq preset whose calibration settings are used")
     ap.add_argument("--dataset", help="calibration data, as gsq's --dataset (default: gsq's default)")
+    ap.add_argument("--scheme", default="W2A16", choices=["W2A16", "NVFP4A16"])
     args = ap.parse_args()
 
     import datasets
     import torch
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoConfig, AutoTokenizer
 
     from gsq.calib import calibration_ids
@@ -48,7 +50,8 @@ def main():
     print(f"calibration: {note}")
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model_type = AutoConfig.from_pretrained(args.model).model_type
-    recipe = GPTQModifier(targets=[EXPERTS.get(model_type, DEFAULT_EXPERTS)], scheme="W2A16", ignore=["lm_head"])
+    modifier = GPTQModifier if args.scheme == "W2A16" else QuantizationModifier
+    recipe = modifier(targets=[EXPERTS.get(model_type, DEFAULT_EXPERTS)], scheme=args.scheme, ignore=["lm_head"])
     oneshot(model=args.model, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], output_dir=args.out)
 

@@ -64,6 +64,9 @@ class Config:
                           "smaller)")
     weight_decay: float = _f(1.0, "decoupled weight decay on the logits (towards uniform)")
     lion_betas: tuple = _f((0.9, 0.95), "Lion betas")
+    nvfp4_scales: str = _f("float", "NVFP4: GSQ learns the scales in float and rounds them to FP8 at the end, or "
+                           "trains through the rounding (rounded: the forward uses the stored scales)",
+                           choices=["float", "rounded"])
     lr_final: float = _f(0.1, "cosine decay to this fraction of the learning rate")
     tau: tuple = _f((2.0, 0.05), "temperature, annealed linearly (start, end)")
     kappa: tuple = _f((100.0, 500.0), "logit gain, annealed linearly (start, end)")
@@ -113,7 +116,7 @@ class Config:
         its bytes (not where it was written, nor whether the run was resumed)."""
         flags = flags or QUANTIZE_FLAGS
         unread = () if any(getattr(self, k) for k in WIDTH_CHOICE) else (*WIDTH_CHOICE, "sensitivity_windows")
-        unread += ("format",) if self.format == "int" else ()  # the integer formats' records as they always were
+        unread += ("format", "nvfp4_scales") if self.format == "int" else ()  # integer records as they always were
         shaping = {k: v for k, v in dataclasses.asdict(self).items()
                    if k in flags and k not in RUN_CONTROL and k not in unread}
         return json.dumps(shaping, indent=2) + "\n"

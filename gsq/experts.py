@@ -168,7 +168,8 @@ def refine(layer, i: int, calib, original, owner: dict, fp: dict, init: dict, ba
                               [torch.stack([init[e][p].scales for e in mine]).to(dev) for p in range(3)],
                               grid(cfg), cfg.init_sigma, cfg.init_alpha, [(cfg.seed, i, e) for e in mine],
                               global_scales=[torch.stack([global_scales(fp[e], cfg)[p] for e in mine]).to(dev)
-                                             for p in range(3)] if cfg.format == "nvfp4" else None)
+                                             for p in range(3)] if cfg.format == "nvfp4" else None,
+                              rounded=cfg.format == "nvfp4" and cfg.nvfp4_scales == "rounded")
         weights = tuple(torch.stack([fp[e][p] for e in mine]).to(dtype) for p in range(3))
         opt = optimizer(module, cfg)
     trajectory = []

@@ -67,15 +67,16 @@ class ExpertLogits(torch.nn.Module):
     and the group scales."""
 
     def __init__(self, codes: list, scales: list, grid: Grid, sigma: float, alpha: float, experts: list,
-                 logits_dtype=torch.float32, global_scales: list | None = None):
+                 logits_dtype=torch.float32, global_scales: list | None = None, rounded: bool = False):
         """`codes`/`scales`: per projection, the init `[E, out, in]` / `[E, out, in / G]`; `experts`: each
         expert's (run seed, layer, expert), where its noise is derived from. On a `local` grid (3, 4 bits,
         NVFP4) the logits choose shifts of the init code's level index. `global_scales`: per projection, the
-        experts' NVFP4 global scales `[E]` (what the final scales are rounded with)."""
+        experts' NVFP4 global scales `[E]` (what the final scales are rounded with); `rounded`: train through that
+        rounding (`stored`)."""
         super().__init__()
         choices = grid.choices().to(codes[0].device)
         self.register_buffer("grid", choices)
-        self.spec, self.global_scales = grid, global_scales or [None] * 3
+        self.spec, self.global_scales, self.rounded = grid, global_scales or [None] * 3, rounded
         self.table = grid.levels().to(codes[0].device) if grid.local else None
         self.experts = experts
         self.base = [grid.index(q) if grid.local else None for q in codes]
@@ -92,8 +93,16 @@ class ExpertLogits(torch.nn.Module):
         projection, its seed derived from (run, layer, expert, projection, step))."""
         seeds = torch.tensor([[derive_seed(*path, p, t) for path in self.experts] for p in range(3)],
                              dtype=torch.int64) % 2**62
-        return [soft_weights(l, s, self.grid, tau, kappa, seeds[i].to(l.device), self.base[i], self.table,
-                             out_dtype=dtype) for i, (l, s) in enumerate(zip(self.logits, self.scales))]
+        return [soft_weights(l, self.stored(s, g), self.grid, tau, kappa, seeds[i].to(l.device), self.base[i],
+                             self.table, out_dtype=dtype)
+                for i, (l, s, g) in enumerate(zip(self.logits, self.scales, self.global_scales))]
+
+    def stored(self, s: torch.Tensor, g) -> torch.Tensor:
+        """The scales the relaxed forward uses: as learned, or (`rounded`, NVFP4) as the checkpoint will store
+        them, FP8 of scale x global scale, the gradient passed straight through the rounding."""
+        if not self.rounded:
+            return s
+        return s + (self.spec.round_scales(s.abs(), g) * torch.sign(s) - s).detach()
 
     @torch.no_grad()
     def hard(self, scale_dtype):
