@@ -22,7 +22,7 @@ import replicas
 
 from gsq.gptq import Grid, global_scales, mse_scales, rtn
 from gsq.kernels.pack import fp4_pack, fp4_unpack
-from gsq.quantizer import dequant
+from gsq.quantizer import ExpertLogits, dequant
 
 GRID = Grid(4, "nvfp4")
 NO_FINETUNE = [a for a in FAST if a not in ("--finetune-scales", "2")]
@@ -54,6 +54,21 @@ def test_scale_search_beats_compressed_tensors_amax_scales():
     theirs = GRID.round_scales(amax / 12, g)  # doubled levels: half the stored scale
     err = [(W - dequant(rtn(W, s, GRID), s)).pow(2).sum() for s in (ours, theirs)]
     assert err[0] < 0.95 * err[1]
+
+
+def test_rounded_scales_train_through_the_fp8_rounding():
+    gen = torch.Generator().manual_seed(2)
+    codes = [GRID.levels().to(torch.int8)[torch.randint(2, 13, (2, 8, 32), generator=gen)] for _ in range(3)]
+    scales = [torch.rand(2, 8, 2, generator=gen) * 0.01 + 0.001 for _ in range(3)]
+    g = [torch.tensor([300.0, 500.0])] * 3
+    module = ExpertLogits(codes, scales, GRID, 0.01, 6.0, [(0, 1, 0), (0, 1, 1)], global_scales=g, rounded=True)
+    s = module.scales[0]
+    used = module.stored(s, g[0])
+    assert torch.equal(used, GRID.round_scales(s.detach(), g[0])) and not torch.equal(used, s.detach())
+    used.sum().backward()
+    assert torch.equal(s.grad, torch.ones_like(s))  # straight through
+    hard = module.hard(torch.bfloat16)[0]
+    assert torch.equal(hard.scales, used.detach()) and torch.equal(GRID.round_scales(hard.scales, g[0]), hard.scales)
 
 
 @pytest.fixture(scope="module", params=["tiny-deepseek-v3", "minimax_m2"])
