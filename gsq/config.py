@@ -197,11 +197,11 @@ def from_args(args: argparse.Namespace) -> Config:
     if cfg.bits_budget < 0 or cfg.sensitivity_windows < 1:
         raise ValueError("--bits-budget must be positive and --sensitivity-windows at least 1")
     if cfg.format == "nvfp4":
-        fixed = {"bits": 4, "group_size": NVFP4_GROUP, "finetune_scales": 0}  # (the fine-tune keeps integer scales)
+        fixed = {"bits": 4, "group_size": NVFP4_GROUP}
         clash = [f"--{k.replace('_', '-')} {given[k]}" for k in fixed if k in given and given[k] != fixed[k]]
         clash += [f"--{k.replace('_', '-')}" for k in WIDTH_CHOICE if getattr(cfg, k)]
         if clash:
-            raise ValueError(f"--format nvfp4 has 4-bit codes in groups of {NVFP4_GROUP} for every layer and no scale "
-                             f"fine-tune yet: drop {', '.join(clash)}")
+            raise ValueError(f"--format nvfp4 has 4-bit codes in groups of {NVFP4_GROUP} for every layer: drop "
+                             f"{', '.join(clash)}")
         cfg = dataclasses.replace(cfg, **fixed)
     return cfg

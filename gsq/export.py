@@ -34,7 +34,7 @@ TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|chat_templa
 def expert_tensors(key: str, result, container: int) -> dict:
     """The three tensors of one quantized Linear (a `packed` result), `key` without `.weight`."""
     if result.grid.nvfp4:
-        g = result.global_scale.float().reshape(1)
+        g = result.global_scale.float().reshape(1).clone()  # its own storage (safetensors writes no views)
         return {f"{key}.weight_packed": result.words.cpu(),
                 f"{key}.weight_scale": fp8(2 * result.scales.float() * g).cpu(),
                 f"{key}.weight_global_scale": g.cpu()}

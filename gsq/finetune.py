@@ -33,44 +33,60 @@ from gsq.errors import tensor_bytes, write_text, writing
 from gsq.experts import minibatches
 from gsq.gptq import Grid
 from gsq.export import packed
-from gsq.kernels.pack import unpack
+from gsq.kernels.pack import fp4_unpack, unpack
 from gsq.quantizer import cosine, dequant
 
 FILE = "finetuned.safetensors"
 CHUNK = 1024  # tokens whose logits are held at once at the top
 
 
-def read_layer(partial_dir, unit: str, arch, i: int, n_experts: int, container: int) -> tuple:
-    """Codes `[E, out, in]` int8 and scales `[E, out, in / G]` float32 of (gate+up, down) from the shards
-    of `unit` (gate rows first, as transformers fuses them)."""
+def read_layer(partial_dir, unit: str, arch, i: int, n_experts: int, here) -> tuple:
+    """Codes `[E, out, in]` int8 and scales `[E, out, in / G]` float32 (as held: NVFP4's doubled codes, half
+    scales) of (gate+up, down) from the shards of `unit` (gate rows first, as transformers fuses them), and
+    NVFP4's global scales `[E]` of (gate+up, down) (None for integer codes); `here`: the layer's settings."""
     tensors = {}
     for shard in sorted(partial_dir.glob(f"model-{unit}-*.safetensors")):
         with safe_open(shard, "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    parts = [[], [], [], []]  # gate+up codes, gate+up scales, down codes, down scales
+    nvfp4 = export.layout(here) == export.NVFP4
+    parts = [[], [], [], [], [], []]  # gate+up codes, gate+up scales, down codes, down scales, global scales
     for e in range(n_experts):
         got = []
         for p in range(3):
             key = arch.expert_key(i, e, p)
-            n = int(tensors[key + ".weight_shape"][1])
-            got.append((unpack(tensors[key + ".weight_packed"], container, n), tensors[key + ".weight_scale"].float()))
+            if nvfp4:
+                g = tensors[key + ".weight_global_scale"]
+                got.append((fp4_unpack(tensors[key + ".weight_packed"]), tensors[key + ".weight_scale"].float() / g / 2, g))
+            else:
+                n = int(tensors[key + ".weight_shape"][1])
+                got.append((unpack(tensors[key + ".weight_packed"], here.container, n),
+                            tensors[key + ".weight_scale"].float(), torch.ones(1)))
         parts[0].append(torch.cat([got[0][0], got[1][0]]))
         parts[1].append(torch.cat([got[0][1], got[1][1]]))
         parts[2].append(got[2][0])
         parts[3].append(got[2][1])
-    return tuple(torch.stack(p) for p in parts)
+        parts[4].append(got[0][2])  # gate and up share theirs
+        parts[5].append(got[2][2])
+    codes_scales = tuple(torch.stack(p) for p in parts[:4])
+    return (*codes_scales, (torch.cat(parts[4]), torch.cat(parts[5])) if nvfp4 else None)
 
 
 class Scales:
-    """The trainable factors of every MoE layer's scales, with the fixed codes and initial scales."""
+    """The trainable factors of every MoE layer's scales, with the fixed codes and initial scales (and NVFP4's
+    global scales: its scales are used as stored, FP8-rounded, the gradient passed straight through)."""
 
     def __init__(self, layers: dict, device):
-        self.codes = {i: (gu.to(device), d.to(device)) for i, (gu, _, d, _) in layers.items()}
-        self.base = {i: (sgu.to(device), sd.to(device)) for i, (_, sgu, _, sd) in layers.items()}
+        self.codes = {i: (gu.to(device), d.to(device)) for i, (gu, _, d, _, _) in layers.items()}
+        self.base = {i: (sgu.to(device), sd.to(device)) for i, (_, sgu, _, sd, _) in layers.items()}
+        self.globals = {i: g and tuple(x.to(device) for x in g) for i, (*_, g) in layers.items()}
         self.m = {i: [torch.ones_like(s) for s in self.base[i]] for i in layers}
 
     def scales(self, i: int) -> list:
-        return [s * m for s, m in zip(self.base[i], self.m[i])]
+        scales = [s * m for s, m in zip(self.base[i], self.m[i])]
+        if self.globals[i] is None:
+            return scales
+        nvfp4 = Grid(4, "nvfp4")
+        return [s + (nvfp4.round_scales(s.abs(), g) * torch.sign(s) - s).detach() for s, g in zip(scales, self.globals[i])]
 
     def weights(self, i: int, dtype) -> list:
         """The layer's fused expert weights (gate_up, down) as leaves that collect their gradients."""
@@ -174,14 +190,15 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, widths, dtype, devi
     if not done.exists():
         n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
         layers = dist.on_writer(lambda: {i: read_layer(partial_dir, export.unit_name(i), arch, i, n_experts[i],
-                                                       budget.at(cfg, widths, i).container) for i in moe})
+                                                       budget.at(cfg, widths, i)) for i in moe})
         scales = Scales(layers, device)
         history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
         record = {"steps": len(history), "kl_first": history[0], "kl_last": history[-1],
                   "kl": history[:: max(1, len(history) // 20)]}
         if dist.is_writer():
             tmp = done.with_suffix(".tmp")
-            tensors = {f"{i}.{p}": s.detach().to("cpu", dtype).contiguous()
+            held = torch.float32 if cfg.format == "nvfp4" else dtype  # NVFP4's, as FP8 x its global scale
+            tensors = {f"{i}.{p}": s.detach().to("cpu", held).contiguous()
                        for i in moe for p, s in zip(("gate_up", "down"), scales.scales(i))}
             with writing(tmp, tensor_bytes(tensors)):
                 save_file(tensors, tmp, metadata={"record": json.dumps(record)})
@@ -231,8 +248,10 @@ REWRITTEN = "finetuned-layers.json"
 def layer_results(partial_dir, unit: str, arch, i: int, trained: tuple, cfg) -> list:
     """`final[e][p]` of layer i (see `export.packed`): the codes read back from its shards, the trained scales."""
     n_experts = trained[0].shape[0]
-    gu, _, d, _ = read_layer(partial_dir, unit, arch, i, n_experts, cfg.container)
-    inter = gu.shape[1] // 2
-    return [[packed(c, s, Grid(cfg.bits)) for c, s in ((gu[e, :inter], trained[0][e, :inter]),
-                                                       (gu[e, inter:], trained[0][e, inter:]), (d[e], trained[1][e]))]
+    gu, _, d, _, g = read_layer(partial_dir, unit, arch, i, n_experts, cfg)
+    inter, grid = gu.shape[1] // 2, Grid(cfg.bits, cfg.format)
+    g = g or (torch.full((n_experts,), float("nan")),) * 2
+    return [[packed(c, s, grid, None if cfg.format == "int" else gs) for c, s, gs in (
+                (gu[e, :inter], trained[0][e, :inter], g[0][e]), (gu[e, inter:], trained[0][e, inter:], g[0][e]),
+                (d[e], trained[1][e], g[1][e]))]
             for e in range(n_experts)]

@@ -18,7 +18,7 @@ def test_factor_gradients_are_those_of_autograd():
     codes = torch.randint(-2, 2, (3, 8, 256), generator=gen, dtype=torch.int8)
     base = torch.randn(3, 8, 2, generator=gen)
     upstream = torch.randn(3, 8, 256, generator=gen)
-    scales = finetune.Scales({0: (codes, base, codes[:, :, :128], base[:, :, :1])}, "cpu")
+    scales = finetune.Scales({0: (codes, base, codes[:, :, :128], base[:, :, :1], None)}, "cpu")
     scales.m[0][0] = torch.rand(3, 8, 2, generator=gen) + 0.5
     leaves = scales.weights(0, torch.float32)
     leaves[0].backward(upstream)
@@ -47,8 +47,8 @@ def test_finetune_lowers_the_kl_on_its_windows(quantized, tmp_path):
     for i in moe:  # the output's shards under the unit names the fine-tune reads (those of OUT.partial)
         shard = root / index[arch.expert_key(i, 0, 0) + ".weight_packed"]
         shard.rename(root / f"model-{finetune.unit(i)}-000.safetensors")
-    layers = {i: finetune.read_layer(root, finetune.unit(i), arch, i, adapter.num_experts(model.model.layers[i]),
-                                     cfg.container) for i in moe}
+    layers = {i: finetune.read_layer(root, finetune.unit(i), arch, i, adapter.num_experts(model.model.layers[i]), cfg)
+              for i in moe}
     scales = finetune.Scales(layers, device)
     history = finetune.train(model, ckpt, arch, scales, ids, cfg, device, compute)
     assert all(b < a for a, b in zip(history, history[1:])), history

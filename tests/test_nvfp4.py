@@ -25,7 +25,6 @@ from gsq.kernels.pack import fp4_pack, fp4_unpack
 from gsq.quantizer import ExpertLogits, dequant
 
 GRID = Grid(4, "nvfp4")
-NO_FINETUNE = [a for a in FAST if a not in ("--finetune-scales", "2")]
 
 
 def test_rounding_is_compressed_tensors_e2m1():
@@ -73,14 +72,14 @@ def test_rounded_scales_train_through_the_fp8_rounding():
 
 @pytest.fixture(scope="module", params=["tiny-deepseek-v3", "minimax_m2"])
 def nvfp4(request, tmp_path_factory):
-    """`make compress ... ARGS="--format nvfp4"`: REAP to 4 experts, then learned NVFP4 experts; on a bundled model
-    and on the MiniMax-M2 replica as shipped (block FP8, a router correction bias)."""
+    """`make compress ... ARGS="--format nvfp4"`: REAP to 4 experts, then learned NVFP4 experts (GSQ and the scale
+    fine-tune); on a bundled model and on the MiniMax-M2 replica as shipped (block FP8, a router correction bias)."""
     tmp = tmp_path_factory.mktemp(request.param)
     model = TINY_MODEL if request.param == "tiny-deepseek-v3" else replicas.minimax_m2_fp8(tmp / "src")
     small = " ".join([*CALIB_DATA, "--num-samples", "16", "--seqlen", "128"])
     proc = subprocess.run(["make", "-s", "compress", f"MODEL={model}", "KEEP=4", f"PRUNED={tmp / 'reap4'}",
                            f"VENV={Path(sys.executable).parent.parent}", f"PRUNE_ARGS={small}",
-                           f"ARGS={' '.join(NO_FINETUNE)} --format nvfp4"], cwd=ROOT, capture_output=True, text=True,
+                           f"ARGS={' '.join(FAST)} --format nvfp4"], cwd=ROOT, capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # the torch path on CPU
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return model, tmp / "reap4-gsq-nvfp4"
