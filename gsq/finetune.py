@@ -85,8 +85,7 @@ class Scales:
         scales = [s * m for s, m in zip(self.base[i], self.m[i])]
         if self.globals[i] is None:
             return scales
-        nvfp4 = Grid(4, "nvfp4")
-        return [s + (nvfp4.round_scales(s.abs(), g) * torch.sign(s) - s).detach() for s, g in zip(scales, self.globals[i])]
+        return [Grid(4, "nvfp4").stored(s, g) for s, g in zip(scales, self.globals[i])]
 
     def weights(self, i: int, dtype) -> list:
         """The layer's fused expert weights (gate_up, down) as leaves that collect their gradients."""

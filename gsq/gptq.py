@@ -106,6 +106,13 @@ class Grid:
         return fp8(2 * scales.float() * g).float() / g / 2
 
 
+    def stored(self, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+        """The scales as the checkpoint will hold them (`round_scales`, either sign), the gradient passed straight
+        through the rounding: what training through it uses."""
+        rounded = self.round_scales(scales.abs(), global_scale) * torch.sign(scales)
+        return scales + (rounded - scales).detach()
+
+
 def fp8(x: torch.Tensor) -> torch.Tensor:
     """Round to FP8 E4M3 (saturating at +-448)."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -100,9 +100,7 @@ class ExpertLogits(torch.nn.Module):
     def stored(self, s: torch.Tensor, g) -> torch.Tensor:
         """The scales the relaxed forward uses: as learned, or (`rounded`, NVFP4) as the checkpoint will store
         them, FP8 of scale x global scale, the gradient passed straight through the rounding."""
-        if not self.rounded:
-            return s
-        return s + (self.spec.round_scales(s.abs(), g) * torch.sign(s) - s).detach()
+        return self.spec.stored(s, g) if self.rounded else s
 
     @torch.no_grad()
     def hard(self, scale_dtype):
