@@ -8,7 +8,7 @@ LOCK := requirements/lock.txt
 TORCH_PART := '^(torch|triton|setuptools)=='  # what a CUDA torch pins itself (torch 2.11: triton==3.6.0, setuptools<82)
 # The newest releases pyproject allows, in a venv of their own (`make test-latest`).
 LATEST ?= .venv-latest
-LATEST_TESTS := tests/test_layout.py tests/test_fixture.py tests/test_export.py tests/test_eval.py tests/test_quantize.py
+LATEST_TESTS := tests/test_layout.py tests/test_fixture.py tests/test_export.py tests/test_eval.py tests/test_quantize.py tests/test_nvfp4.py
 DATA ?= ../shared/data
 MODEL ?= models/tiny-deepseek-v3
 NAME := $(notdir $(patsubst %/,%,$(MODEL)))
