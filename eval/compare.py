@@ -139,8 +139,8 @@ def main():
     ap.add_argument("--base", default="gptq", help="run whose KL the ratio column divides by (its NVFP4 run for "
                                                    "NVFP4 rows)")
     ap.add_argument("--llmcompressor", metavar="PYTHON",
-                    help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 (and with --nvfp4 its "
-                         "NVFP4A16) as a reference")
+                    help="interpreter of an environment with llm-compressor: adds its GPTQ W2A16 (and, when NVFP4 "
+                         "runs are compared, its NVFP4A16) as a reference")
     args = ap.parse_args()
     specs = args.run or DEFAULT_RUNS
     if args.nvfp4:
@@ -156,7 +156,8 @@ def main():
         name, _, extra = spec.partition("=")
         runs[name] = record.row(name, lambda: run_one(name, extra, args))
     if args.llmcompressor:
-        for scheme in ["W2A16", "NVFP4A16"][: 2 if args.nvfp4 else 1]:
+        nvfp4 = ["--format nvfp4" in spec for spec in specs]  # llm-compressor's row for each format compared
+        for scheme in [s for s, wanted in (("W2A16", not all(nvfp4)), ("NVFP4A16", any(nvfp4))) if wanted]:
             runs[LLMC[scheme]] = record.row(LLMC[scheme], lambda: run_llmcompressor(args.llmcompressor, args, scheme))
     else:
         print("llm-compressor reference not run: pass --llmcompressor PYTHON (an environment with llmcompressor)")
