@@ -88,7 +88,7 @@ def test_exported_tensors_decompress_to_scale_times_code(out, groups, group, con
     codes = codes_of((out, groups * group), 2, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     scales = torch.randn(out, groups, generator=gen).to(torch.bfloat16)
-    tensors = export.expert_tensors("m", codes, scales, container)
+    tensors = export.expert_tensors("m", export.packed(codes, scales, gptq.Grid(2)), container)
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=container, type="int", symmetric=True, strategy="group", group_size=group))
     dense = PackedQuantizationCompressor.decompress({k[2:]: v for k, v in tensors.items()}, scheme)["weight"]
