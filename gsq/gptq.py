@@ -87,7 +87,10 @@ class Grid:
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """The level nearest each x (in units of the held scale), as int8 codes: rounding half to even on the
-        integer grid, and on the E2M1 grid as compressed-tensors rounds (a tie goes to the even mantissa)."""
+        integer grid, and on the E2M1 grid as compressed-tensors rounds (a tie goes to the even mantissa). A
+        group whose scale is 0 (all its weights zero, or too small for FP8 beside its tensor's largest) gives
+        0 / 0: code 0, said here rather than left to how a platform casts NaN to int8."""
+        x = torch.nan_to_num(x, nan=0.0)
         if not self.nvfp4:
             return torch.clamp(torch.round(x), self.qmin, self.qmax).to(torch.int8)
         half = torch.tensor(E2M1, device=x.device) * 2

@@ -55,6 +55,18 @@ def test_scale_search_beats_compressed_tensors_amax_scales():
     assert err[0] < 0.95 * err[1]
 
 
+def test_a_group_with_a_zero_scale_gets_zero_codes():
+    # an all-zero group and one too small for FP8 beside its tensor's largest weight both store scale 0
+    W = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    W[1, 16:32], W[2, :16] = 0.0, 1e-9
+    g = global_scales(W, W, W)[0]
+    s = mse_scales(W, GRID, 16, global_scale=g)
+    assert s[1, 1] == 0 and s[2, 0] == 0
+    codes = rtn(W, s, GRID)
+    assert not codes[1, 16:32].any() and torch.equal(dequant(codes, s)[2, :16], torch.zeros(16))
+    assert not GRID.nearest(torch.tensor([float("nan")])).any()
+
+
 def test_rounded_scales_train_through_the_fp8_rounding():
     gen = torch.Generator().manual_seed(2)
     codes = [GRID.levels().to(torch.int8)[torch.randint(2, 13, (2, 8, 32), generator=gen)] for _ in range(3)]
