@@ -40,12 +40,18 @@ FILE = "finetuned.safetensors"
 CHUNK = 1024  # tokens whose logits are held at once at the top
 
 
-def read_layer(partial_dir, unit: str, arch, i: int, n_experts: int, here) -> tuple:
+def shards(partial_dir, unit: str) -> list:
+    """The files a unit (a layer, under its first or its rewritten name) is written in."""
+    return sorted(partial_dir.glob(f"model-{unit}-*.safetensors"))
+
+
+def read_layer(files: list, arch, i: int, n_experts: int, here) -> tuple:
     """Codes `[E, out, in]` int8 and scales `[E, out, in / G]` float32 (as held: NVFP4's doubled codes, half
-    scales) of (gate+up, down) from the shards of `unit` (gate rows first, as transformers fuses them), and
-    NVFP4's global scales `[E]` of (gate+up, down) (None for integer codes); `here`: the layer's settings."""
+    scales) of (gate+up, down) from the safetensors `files` holding layer i (gate rows first, as transformers
+    fuses them), and NVFP4's global scales `[E]` of (gate+up, down) (None for integer codes); `here`: the
+    layer's settings."""
     tensors = {}
-    for shard in sorted(partial_dir.glob(f"model-{unit}-*.safetensors")):
+    for shard in files:
         with safe_open(shard, "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     nvfp4 = export.layout(here) == export.NVFP4
@@ -188,7 +194,7 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, widths, dtype, devi
     done = partial_dir / partial.WORK / FILE
     if not done.exists():
         n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
-        layers = dist.on_writer(lambda: {i: read_layer(partial_dir, export.unit_name(i), arch, i, n_experts[i],
+        layers = dist.on_writer(lambda: {i: read_layer(shards(partial_dir, export.unit_name(i)), arch, i, n_experts[i],
                                                        budget.at(cfg, widths, i)) for i in moe})
         scales = Scales(layers, device)
         history = train(model, ckpt, arch, scales, ids, cfg, device, compute)
@@ -222,7 +228,7 @@ def stage(model, ckpt, arch, partial_dir, ids, cfg, widths: dict, dtype, device,
         for i in trained:
             if i not in done:
                 here = budget.at(cfg, widths, i)  # the layer's width
-                final = layer_results(partial_dir, export.unit_name(i), arch, i, trained[i], here)
+                final = layer_results(shards(partial_dir, export.unit_name(i)), arch, i, trained[i], here)
                 export.write_unit(partial_dir, unit(i), export.layer_shard(ckpt, arch, i, final, here.container),
                                   cfg.max_shard_bytes)
                 done.append(i)
@@ -231,7 +237,7 @@ def stage(model, ckpt, arch, partial_dir, ids, cfg, widths: dict, dtype, device,
                 old.unlink()
         print(f"scale fine-tune: {record['steps']} steps, KL per token {record['kl_first']:.4f} -> {record['kl_last']:.4f}")
     dist.barrier()
-    return record, lambda i: (dist.on_writer(layer_results, partial_dir, unit(i), arch, i, trained[i],
+    return record, lambda i: (dist.on_writer(layer_results, shards(partial_dir, unit(i)), arch, i, trained[i],
                                              budget.at(cfg, widths, i))
                               if i in trained else None)
 
@@ -244,10 +250,10 @@ def unit(i: int) -> str:
 REWRITTEN = "finetuned-layers.json"
 
 
-def layer_results(partial_dir, unit: str, arch, i: int, trained: tuple, cfg) -> list:
-    """`final[e][p]` of layer i (see `export.packed`): the codes read back from its shards, the trained scales."""
+def layer_results(files: list, arch, i: int, trained: tuple, cfg) -> list:
+    """`final[e][p]` of layer i (see `export.packed`): the codes read back from `files`, the trained scales."""
     n_experts = trained[0].shape[0]
-    gu, _, d, _, g = read_layer(partial_dir, unit, arch, i, n_experts, cfg)
+    gu, _, d, _, g = read_layer(files, arch, i, n_experts, cfg)
     inter, grid = gu.shape[1] // 2, Grid(cfg.bits, cfg.format)
     g = g or (torch.full((n_experts,), float("nan")),) * 2
     return [[packed(c, s, grid, None if cfg.format == "int" else gs) for c, s, gs in (
