@@ -6,10 +6,11 @@ measured on fixed codes, in minutes instead of a whole run per setting.
 
 Each learning rate trains the scales of every MoE layer from the checkpoint's own (the codes stay), with the
 checkpoint's settings (gsq_config.json: calibration windows, batch, seed, grid) and `--steps` steps, exactly as
-`gsq.quantize --finetune-scales STEPS --finetune-lr LR` trains them after its last layer; the layers are
-rewritten as that stage writes them, into WORK/lr-LR (a copy of the checkpoint), and evaluated (gsq.eval: KL,
-top-1, perplexity on WikiText-2 test windows) with the checkpoint itself as the first row. JSON record (rewritten
-after every run; `--resume`) and table under eval/results/.
+`gsq.quantize --finetune-scales STEPS --finetune-lr LR` trains them after its last layer (NVFP4 at 0.3x LR:
+`Grid.finetune_lr`; the NVFP4 records of 2026-12-06 were made before that factor, their LR is the rate itself);
+the layers are rewritten as that stage writes them, into WORK/<model>-lr-LR (a copy of the checkpoint), and
+evaluated (gsq.eval: KL, top-1, perplexity on WikiText-2 test windows) with the checkpoint itself as the first
+row. JSON record (rewritten after every run; `--resume`) and table under eval/results/.
 """
 
 import argparse

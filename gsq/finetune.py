@@ -135,14 +135,15 @@ def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     """`cfg.finetune_scales` Adam steps on the factors; returns the mean KL per token of each step."""
     n_layers = len(model.model.layers)
     factors = [m for i in sorted(scales.m) for m in scales.m[i]]
-    opt = torch.optim.Adam(factors, lr=cfg.finetune_lr)
+    lr = cfg.finetune_lr * Grid(cfg.bits, cfg.format).finetune_lr
+    opt = torch.optim.Adam(factors, lr=lr)
     n_blocks, per_batch = -(-ids.shape[0] // BLOCK), max(1, cfg.batch_size // BLOCK)
     batches = minibatches(n_blocks, min(per_batch, n_blocks), cfg.finetune_scales, derive_seed(cfg.seed, -1))
     history = []
     bar = tqdm(batches, desc="scale fine-tune", disable=not dist.is_writer())
     for t, batch in enumerate(bar):
         for group in opt.param_groups:
-            group["lr"] = cfg.finetune_lr * cosine(t, len(batches), cfg.lr_final)
+            group["lr"] = lr * cosine(t, len(batches), cfg.lr_final)
         mine = [b for b in batch if b % dist.world() == dist.rank()]
         tokens = {b: ids[b * BLOCK : (b + 1) * BLOCK].to(device) for b in mine}
         with torch.no_grad():

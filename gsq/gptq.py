@@ -72,6 +72,14 @@ class Grid:
         return 1 / 8 if self.nvfp4 else 1.0
 
     @property
+    def finetune_lr(self) -> float:
+        """The scale fine-tune's learning rate relative to --finetune-lr (set for the 2-bit grid). NVFP4 takes 0.3x:
+        its scales move only where they cross an FP8 step, and at 1e-2 the fine-tune undid GSQ's gain on
+        tiny-deepseek-v3 (KL 0.0091 -> 0.0104) where 3e-3 lowered the KL on both bundled models (0.0090;
+        tiny-qwen3-moe 0.00160 -> 0.00137, against 0.00145 at 1e-2): eval/finetune_sweep.py's records."""
+        return 0.3 if self.nvfp4 else 1.0
+
+    @property
     def word_bits(self) -> int:
         """Bits per code in the words a result is held in until written: 2, or 4 for 3- and 4-bit and NVFP4
         codes (NVFP4: E2M1 nibbles in bytes, as written)."""
