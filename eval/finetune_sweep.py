@@ -33,24 +33,19 @@ from local_data import side_by_side_flags
 from record import Record
 
 
-def finetuned(source, quantized: Path, out: Path, cfg: Config) -> dict:
-    """Train `quantized`'s scales with `cfg`, write the checkpoint with them to `out`; the training record."""
+def finetuned(source, layers: dict, files: dict, ids, quantized: Path, out: Path, cfg: Config) -> dict:
+    """Train the scales of `layers` (read from `quantized`'s `files`) with `cfg`, write the checkpoint with them to
+    `out`; the training record."""
     t0 = time.time()
-    model, arch, device, compute = source.model, source.arch, source.device, source.compute
-    tokenizer = load_tokenizer(cfg.tokenizer or source.path, TOKENIZER_HINT)
-    ids, _ = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
+    arch = source.arch
+    scales = finetune.Scales(layers, source.device)
+    history = finetune.train(source.model, source.ckpt, arch, scales, ids, cfg, source.device, source.compute)
     index = json.loads((quantized / "model.safetensors.index.json").read_text())["weight_map"]
-    moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
-    files = {i: [quantized / index[arch.expert_key(i, 0, 0) + ".weight_packed"]] for i in moe}  # a layer: one file
-    n_experts = {i: adapter.num_experts(model.model.layers[i]) for i in moe}
-    scales = finetune.Scales({i: finetune.read_layer(files[i], arch, i, n_experts[i], cfg) for i in moe}, device)
-    history = finetune.train(model, source.ckpt, arch, scales, ids, cfg, device, compute)
-    held = torch.float32 if cfg.format == "nvfp4" else source.dtype  # as the stage saves them
     shutil.copytree(quantized, out, dirs_exist_ok=True)
-    for i in moe:
-        trained = tuple(s.detach().to("cpu", held) for s in scales.scales(i))
-        final = finetune.layer_results(files[i], arch, i, trained, cfg)
-        tensors = export.layer_shard(source.ckpt, arch, i, final, export.layout(cfg))
+    for i in layers:
+        trained = tuple(s.detach().to("cpu", finetune.held_dtype(cfg, source.dtype)) for s in scales.scales(i))
+        tensors = export.layer_shard(source.ckpt, arch, i, finetune.layer_results(files[i], arch, i, trained, cfg),
+                                     export.layout(cfg))
         if {k for k, f in index.items() if f == files[i][0].name} != set(tensors):
             raise SystemExit(f"error: layer {i} of {quantized} is not one file of its own")
         save_file(tensors, out / files[i][0].name, metadata={"format": "pt"})
@@ -78,10 +73,18 @@ def main():
     source.open()
     source.load_globals()
     record.row("no fine-tune", lambda: evaluated("no fine-tune", quantized, args, {"quantize_seconds": 0.0}))
+    model, arch = source.model, source.arch  # read once: the codes and initial scales every rate starts from
+    tokenizer = load_tokenizer(cfg.tokenizer or source.path, TOKENIZER_HINT)
+    ids, _ = calibration.calibration_ids(tokenizer, cfg.dataset, cfg.text_field, cfg.num_samples, cfg.seqlen, cfg.seed)
+    index = json.loads((quantized / "model.safetensors.index.json").read_text())["weight_map"]
+    moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
+    files = {i: [quantized / index[arch.expert_key(i, 0, 0) + ".weight_packed"]] for i in moe}  # a layer: one file
+    layers = {i: finetune.read_layer(files[i], arch, i, adapter.num_experts(model.model.layers[i]), cfg) for i in moe}
     for lr in [float(x) for x in args.lr.split(",")]:
         out = Path(args.work) / f"{Path(args.model).name}-lr-{lr:g}"
         here = dataclasses.replace(cfg, finetune_scales=args.steps, finetune_lr=lr)
-        record.row(f"lr {lr:g}", lambda: evaluated(f"lr {lr:g}", out, args, finetuned(source, quantized, out, here)))
+        record.row(f"lr {lr:g}", lambda: evaluated(f"lr {lr:g}", out, args,
+                                                   finetuned(source, layers, files, ids, quantized, out, here)))
     lines = ["| fine-tune | calibration KL first -> last step | KL to original | top-1 | perplexity |",
              "|---|---:|---:|---:|---:|"]
     for name, r in record.rows.items():

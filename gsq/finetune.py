@@ -131,6 +131,11 @@ def kl_top(model, h_q, h_fp) -> tuple:
     return total, grad.view_as(h_q)
 
 
+def held_dtype(cfg, dtype):
+    """The dtype trained scales are saved in: the model's, NVFP4's float32 (as FP8 x its global scale)."""
+    return torch.float32 if cfg.format == "nvfp4" else dtype
+
+
 def train(model, ckpt, arch, scales: Scales, ids, cfg, device, compute) -> list:
     """`cfg.finetune_scales` Adam steps on the factors; returns the mean KL per token of each step."""
     n_layers = len(model.model.layers)
@@ -203,7 +208,7 @@ def trained_scales(model, ckpt, arch, partial_dir, ids, cfg, widths, dtype, devi
                   "kl": history[:: max(1, len(history) // 20)]}
         if dist.is_writer():
             tmp = done.with_suffix(".tmp")
-            held = torch.float32 if cfg.format == "nvfp4" else dtype  # NVFP4's, as FP8 x its global scale
+            held = held_dtype(cfg, dtype)
             tensors = {f"{i}.{p}": s.detach().to("cpu", held).contiguous()
                        for i in moe for p, s in zip(("gate_up", "down"), scales.scales(i))}
             with writing(tmp, tensor_bytes(tensors)):
