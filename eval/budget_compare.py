@@ -7,7 +7,7 @@ widths), then the same number of layers at each width placed otherwise, given ba
 layers, the last layers, alternating, and two seeded random placements; and uniform 2 bits. Each checkpoint
 is evaluated against the original (eval/compare.py: KL, top-1, perplexity on WikiText-2 test windows). The
 record is rewritten after every run (eval/record.py: `--resume` measures only the runs it lacks). The
-table holds each allocation's predicted KL (the sum of its layers' sensitivities) beside the measured one, and
+table holds each allocation's predicted KL (from the chosen run's sensitivities) beside the measured one, and
 the rank agreement of the two (Spearman) checks the predictor. JSON record and table under eval/results/.
 """
 
@@ -93,14 +93,15 @@ def main():
             file.write_text(json.dumps({"layers": {str(i): {"bits": b} for i, b in widths.items()}}))
             result = run_one(file.stem, f"--bits-plan {file} {args.args}", args)
             stored = json.loads((work / file.stem / "gsq_bits.json").read_text())
-            return {**result, "widths": widths, "average_bits": stored["average_bits"],
-                    "predicted_kl": budget.predicted(sens, widths)}
+            return {**result, "widths": widths, "average_bits": stored["average_bits"]}
         return run
 
     # uniform 2 bits first: with the chosen allocation it gives the ratio that matters most if the rest is cut short
     for name, widths in {"uniform 2-bit": dict.fromkeys(chosen, 2), **placements(chosen)}.items():
         record.row(name, placed(name, widths))
-    runs = record.rows
+    # every row predicted by this record's sensitivity pass (a resumed row may be from another allocation's record)
+    runs = {n: {**r, "predicted_kl": budget.predicted(sens, {int(i): b for i, b in r["widths"].items()})}
+            for n, r in sorted(record.rows.items(), key=lambda item: item[0] != "gsq allocation")}
     same = [n for n in runs if n != "uniform 2-bit"]
     rank = spearman([runs[n]["predicted_kl"] for n in runs], [runs[n]["kl"] for n in runs])
     best_other = min(runs[n]["kl"] for n in same if n != "gsq allocation")
@@ -111,6 +112,7 @@ def main():
                           f"{summary['kl_over_best_other_allocation']:.2f}x the best other allocation's KL, "
                           f"{summary['kl_over_uniform_2bit']:.2f}x uniform 2-bit's.\n")
     print(text)
+    record.rows = runs
     record.save(complete=True, summary=summary)
     path.with_suffix(".md").write_text(text)
     print(f"recorded {path} and its table (.md)")

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gsq import adapter, dist, stream
+from gsq import adapter, dist, experts, stream
 from gsq.acts import BLOCK
 from gsq.config import WIDTH_CHOICE
 from gsq.errors import InputError
-from gsq.gptq import Grid, mse_scales, rtn
+from gsq.quantizer import dequant
 
 WIDTHS = (2, 3, 4)
 FILE = "gsq_bits.json"
@@ -209,15 +209,32 @@ def describe(rec: dict) -> str:
 
 
 @torch.no_grad()
-def rtn_experts(layer, bits: int, group: int, originals: list, dtype):
-    """Every routed expert of the layer replaced by its MSE-RTN weights at `bits` (from `originals`)."""
-    grid = Grid(bits)
+def routed_tokens(model, layer, states: list, device) -> list:
+    """[(MoE inputs `[T, H]`, router weights `[T, k]`, expert indices `[T, k]`)] of each block of `states` (the
+    layer's input), on the host: the tokens each expert's GPTQ Hessians are made of."""
+    out = []
+    for h in states:
+        h = h.to(device)
+        x = adapter.moe_input(layer, adapter.attention_residual(layer, h, **adapter.positions(model, h)))
+        g, idx = adapter.route(layer, x)
+        out.append((x.cpu(), g.float().cpu(), idx.cpu()))
+    return out
+
+
+@torch.no_grad()
+def init_experts(layer, cfg, originals: list, tokens: list, device, dtype):
+    """Every routed expert of the layer replaced by the run's init at cfg's width (GPTQ on its tokens among
+    `tokens`, or MSE-RTN), made from `originals`, in `dtype`."""
     for e, weights in enumerate(originals):
-        q = []
-        for W in weights:
-            s = mse_scales(W, grid, group)
-            q.append((s.repeat_interleave(group, -1) * rtn(W, s, grid).float()).to(dtype))
-        adapter.set_expert_weights(layer, e, *q)
+        fp = tuple(w.to(device, torch.float32) for w in weights)
+        H = (None, None, 0)
+        if experts.uses_gptq(cfg):
+            mine = [(idx == e).nonzero(as_tuple=True) for _, _, idx in tokens]
+            x = torch.cat([x[tok] for (x, _, _), (tok, _) in zip(tokens, mine)]).to(device)
+            g = torch.cat([g[tok, slot] for (_, g, _), (tok, slot) in zip(tokens, mine)]).to(device)
+            H = experts.expert_hessian(x, g, fp, cfg)
+        _, init = experts.init_expert(fp, H, cfg)
+        adapter.set_expert_weights(layer, e, *(dequant(q.codes, q.scales).to(dtype) for q in init))
 
 
 def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
@@ -237,10 +254,12 @@ def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
                 originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e))
                              for e in range(adapter.num_experts(layer))]
                 states["original"] = through(model, layer, states["original"], device)
+                tokens = routed_tokens(model, layer, states[narrow], device)
                 for b in [b for j, b in mine if j == i]:  # the wider models that start here, from the base's states
-                    rtn_experts(layer, b, cfg.group_size, originals, compute)
+                    init_experts(layer, at(cfg, {i: b}, i), originals, tokens, device, compute)
                     states[i, b] = through(model, layer, states[narrow], device)
-                rtn_experts(layer, narrow, cfg.group_size, originals, compute)
+                init_experts(layer, at(cfg, {i: narrow}, i), originals, tokens, device, compute)
+                del tokens
                 for key in [narrow, *(k for k in mine if k[0] < i)]:
                     states[key] = through(model, layer, states[key], device)
             else:

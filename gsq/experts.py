@@ -123,13 +123,18 @@ def hessians(layer, calib, owner: dict, fp: dict, cfg) -> dict:
     first = list(range(-(-min(cfg.gptq_samples, calib.n) // BLOCK)))
     for batch in in_batches(first, max(1, cfg.batch_size // BLOCK)):
         for e, (x, g, _) in routed(layer, calib, batch, owner).items():
-            x = x.float()
-            gate, up, _ = fp[e]
-            mid = adapter.swiglu_mid(x, gate, up)
-            if cfg.token_weights == "router":  # sum of g^2 x x^T: the error as the layer output weighs it
-                x, mid = x * g[:, None], mid * g[:, None]
-            H[e] = [H[e][0] + x.T @ x, H[e][1] + mid.T @ mid, H[e][2] + x.shape[0]]
+            H[e] = [a + b for a, b in zip(H[e], expert_hessian(x, g, fp[e], cfg))]
     return H
+
+
+def expert_hessian(x: torch.Tensor, g: torch.Tensor, weights, cfg) -> tuple:
+    """One expert's (H of x, H of the SwiGLU intermediate, tokens) from its routed tokens x and router weights g."""
+    x = x.float()
+    gate, up, _ = weights
+    mid = adapter.swiglu_mid(x, gate, up)
+    if cfg.token_weights == "router":  # sum of g^2 x x^T: the error as the layer output weighs it
+        x, mid = x * g.float()[:, None], mid * g.float()[:, None]
+    return x.T @ x, mid.T @ mid, x.shape[0]
 
 
 def grid(cfg) -> gptq.Grid:

@@ -56,13 +56,14 @@ def replica(tmp_path_factory):
 
 def test_each_sensitivity_is_the_kl_of_the_model_it_names(replica):
     """The streamed pass (every model's states carried layer by layer) against the whole model in memory: every
-    MoE layer's experts at MSE-RTN 2 bits but layer i's at width b, KL(original || that) per token."""
+    MoE layer's experts at GPTQ 2 bits (Hessians from the base model's states at the layer) but layer i's at
+    width b, KL(original || that) per token."""
     from transformers import AutoModelForCausalLM
 
     from gsq import adapter, walk
     from gsq.config import Config
 
-    cfg = Config(model=str(replica), group_size=128)
+    cfg = Config(model=str(replica), group_size=128, min_tokens=1)
     source = walk.Source(str(replica), torch.device("cpu"))
     source.open()
     source.load_globals()
@@ -70,16 +71,30 @@ def test_each_sensitivity_is_the_kl_of_the_model_it_names(replica):
     sens = budget.sensitivity(source, ids, cfg)
 
     model = AutoModelForCausalLM.from_pretrained(replica, dtype=source.compute).eval()
-    layers = [layer for layer in model.model.layers if adapter.is_moe(layer)]
-    originals = [[adapter.expert_weights(layer, e) for e in range(adapter.num_experts(layer))] for layer in layers]
-    originals = [[tuple(w.clone() for w in ws) for ws in layer] for layer in originals]
-    with torch.no_grad():
-        reference = torch.log_softmax(model(ids).logits.float(), -1)
     moe = [i for i, layer in enumerate(model.model.layers) if adapter.is_moe(layer)]
     assert sorted(sens) == moe and len(moe) == 2
+    with torch.no_grad():
+        reference = torch.log_softmax(model(ids).logits.float(), -1)
+    weights = {}  # (layer, width) -> its experts quantized from the base model's states at the layer
+    for i in moe:
+        layer = model.model.layers[i]
+        originals = [tuple(w.clone() for w in adapter.expert_weights(layer, e)) for e in range(adapter.num_experts(layer))]
+        seen = []
+        hook = layer.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)),
+                                               with_kwargs=True)
+        with torch.no_grad():
+            model(ids)  # the layers before i at 2 bits: the base
+        hook.remove()
+        tokens = budget.routed_tokens(model, layer, seen, torch.device("cpu"))
+        for b in budget.WIDTHS:
+            budget.init_experts(layer, budget.at(cfg, {i: b}, i), originals, tokens, torch.device("cpu"), source.compute)
+            weights[i, b] = [tuple(w.clone() for w in adapter.expert_weights(layer, e)) for e in range(len(originals))]
+        for e, ws in enumerate(weights[i, 2]):
+            adapter.set_expert_weights(model.model.layers[i], e, *ws)
     for i, b in itertools.product(moe, budget.WIDTHS):
-        for j, layer, weights in zip(moe, layers, originals):
-            budget.rtn_experts(layer, b if j == i else 2, 128, weights, source.compute)
+        for j in moe:
+            for e, ws in enumerate(weights[j, b if j == i else 2]):
+                adapter.set_expert_weights(model.model.layers[j], e, *ws)
         with torch.no_grad():
             q = torch.log_softmax(model(ids).logits.float(), -1)
         kl = (reference.exp() * (reference - q)).sum(-1).mean().item()
