@@ -100,11 +100,14 @@ def main():
     for name, widths in {"uniform 2-bit": dict.fromkeys(chosen, 2), **placements(chosen)}.items():
         record.row(name, placed(name, widths))
     # every row predicted by this record's sensitivity pass (a resumed row may be from another allocation's record)
-    runs = {n: {**r, "predicted_kl": budget.predicted(sens, {int(i): b for i, b in r["widths"].items()})}
-            for n, r in sorted(record.rows.items(), key=lambda item: item[0] != "gsq allocation")}
+    runs = {n: {**r, "widths": {int(i): b for i, b in r["widths"].items()}} for n, r in record.rows.items()}
+    runs = {n: {**r, "predicted_kl": budget.predicted(sens, r["widths"])}
+            for n, r in sorted(runs.items(), key=lambda item: item[0] != "gsq allocation")}
     same = [n for n in runs if n != "uniform 2-bit"]
     rank = spearman([runs[n]["predicted_kl"] for n in runs], [runs[n]["kl"] for n in runs])
-    best_other = min(runs[n]["kl"] for n in same if n != "gsq allocation")
+    # other allocations: a placement that happens to be the chosen one (or a resumed row of it) is not another
+    others = [n for n in same if runs[n]["widths"] != runs["gsq allocation"]["widths"]]
+    best_other = min(runs[n]["kl"] for n in others)
     summary = {"spearman_predicted_vs_measured": rank,
                "kl_over_best_other_allocation": runs["gsq allocation"]["kl"] / best_other,
                "kl_over_uniform_2bit": runs["gsq allocation"]["kl"] / runs["uniform 2-bit"]["kl"]}

@@ -7,16 +7,21 @@ predicted loss of the whole model is least.
     --bits-plan FILE     an allocation as written beside a checkpoint (gsq_bits.json), kept or edited
 
 Sensitivity (one pass over `--sensitivity-windows` calibration windows, before the run), measured where the
-choice is made: in the model with every MoE layer at the narrowest width. Layer by layer, it carries
+choice is made: in the model with every MoE layer at the narrowest width, quantized as the run starts (its init:
+GPTQ, or MSE-RTN for `--init rtn` / `--method rtn`). Layer by layer, it carries
     the original model's states (the reference),
-    the states with every MoE layer's routed experts at MSE-RTN 2 bits (the base),
-    for each MoE layer i and wider width b: the base up to layer i, layer i at b bits, the rest at 2 bits;
+    the states with every MoE layer's routed experts at the init at 2 bits (the base; each layer's GPTQ
+    Hessians from the base's own states at its input),
+    for each MoE layer i and wider width b: the base up to layer i, layer i at b bits (from the same Hessians),
+    the base's layers after it;
 then s_i(b) = KL(original || that model) per token, s_i(2) the base's: the loss of the model when only layer i
 is wider. Errors of the layers compound (the sum of each layer's KL alone falls well short of the KL of all of
-them together), so each layer's gain is measured in the company it will have. The predicted KL of an
-allocation is the base's minus the gains s_i(2) - s_i(b_i), and an exact knapsack over the layers finds the
-least within the budget. The wider models are split over the ranks (each carries the reference, the base and
-its share), their KLs gathered, and every rank chooses alike.
+them together), so each layer's gain is measured in the company it will have; and measured with the codes the
+run starts from, not round-to-nearest ones (with MSE-RTN codes the pass ranked tiny-qwen3-moe's layers 2 and 3
+the other way round from GSQ's measured KL: eval/README). The predicted KL of an allocation is the base's minus the
+gains s_i(2) - s_i(b_i), and an exact knapsack over the layers finds the least within the budget. The wider
+models are split over the ranks (each carries the reference, the base and its share), the base's experts too
+(each rank quantizes every world()-th one), their KLs gathered, and every rank chooses alike.
 """
 
 import dataclasses
@@ -30,7 +35,7 @@ from gsq import adapter, dist, experts, stream
 from gsq.acts import BLOCK
 from gsq.config import WIDTH_CHOICE
 from gsq.errors import InputError
-from gsq.quantizer import dequant
+from gsq.export import packed
 
 WIDTHS = (2, 3, 4)
 FILE = "gsq_bits.json"
@@ -222,11 +227,14 @@ def routed_tokens(model, layer, states: list, device) -> list:
 
 
 @torch.no_grad()
-def init_experts(layer, cfg, originals: list, tokens: list, device, dtype):
+def init_experts(layer, cfg, originals: list, tokens: list, device, dtype, split: bool):
     """Every routed expert of the layer replaced by the run's init at cfg's width (GPTQ on its tokens among
-    `tokens`, or MSE-RTN), made from `originals`, in `dtype`."""
-    for e, weights in enumerate(originals):
-        fp = tuple(w.to(device, torch.float32) for w in weights)
+    `tokens`, or MSE-RTN), made from `originals`, as the checkpoint would dequantize it (in `dtype`). With
+    `split`, each rank quantizes every world()-th expert and the ranks exchange the results."""
+    share = range(dist.rank(), len(originals), dist.world()) if split else range(len(originals))
+    done = {}
+    for e in share:
+        fp = tuple(w.to(device, torch.float32) for w in originals[e])
         H = (None, None, 0)
         if experts.uses_gptq(cfg):
             mine = [(idx == e).nonzero(as_tuple=True) for _, _, idx in tokens]
@@ -234,7 +242,9 @@ def init_experts(layer, cfg, originals: list, tokens: list, device, dtype):
             g = torch.cat([g[tok, slot] for (_, g, _), (tok, slot) in zip(tokens, mine)]).to(device)
             H = experts.expert_hessian(x, g, fp, cfg)
         _, init = experts.init_expert(fp, H, cfg)
-        adapter.set_expert_weights(layer, e, *(dequant(q.codes, q.scales).to(dtype) for q in init))
+        done[e] = [packed(q.codes, q.scales, experts.grid(cfg)) for q in init]
+    done = dist.gather(done) if split else done
+    experts.set_quantized(layer, [done[e] for e in range(len(originals))], dtype)
 
 
 def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
@@ -256,9 +266,9 @@ def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
                 states["original"] = through(model, layer, states["original"], device)
                 tokens = routed_tokens(model, layer, states[narrow], device)
                 for b in [b for j, b in mine if j == i]:  # the wider models that start here, from the base's states
-                    init_experts(layer, at(cfg, {i: b}, i), originals, tokens, device, compute)
+                    init_experts(layer, at(cfg, {i: b}, i), originals, tokens, device, compute, split=False)
                     states[i, b] = through(model, layer, states[narrow], device)
-                init_experts(layer, at(cfg, {i: narrow}, i), originals, tokens, device, compute)
+                init_experts(layer, at(cfg, {i: narrow}, i), originals, tokens, device, compute, split=True)
                 del tokens
                 for key in [narrow, *(k for k in mine if k[0] < i)]:
                     states[key] = through(model, layer, states[key], device)

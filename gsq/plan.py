@@ -34,7 +34,10 @@ float32 on a CPU):
   of the models it carries, each for W windows (S x H x c per window): the original, the narrowest and the
   rank's share of the wider ones (2 per MoE layer, split over the ranks), and one more being written; a phase on
   the device: a block of windows through one layer (the allowance, its input and output), one window's logits
-  of two models (3 x S x vocab x 4), the layer's original experts copied (3 x E x H x I x c);
+  of two models (3 x S x vocab x 4), the layer's original experts copied (3 x E x H x I x c), one expert's GPTQ
+  (its Hessians and workspace as above, its float32 weights, 3 copies of its tokens x (H + I) x 4); on the host
+  also the layer's MoE inputs, router weights and indices (W x S x (H x c + k x 12)) and its experts' 2-bit
+  results (codes and float32 scales, exchanged between the ranks);
 - on disk: the resume point, the rank's layer inputs (on disk, also the next layer's being written).
 The device holds all of that but the phases, and the largest of the phases (layer pass, init,
 training, fine-tune), which never overlap; a host holds that for each of its ranks. Everything is usable up to
@@ -48,7 +51,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gsq import acts, adapter, budget, finetune
+from gsq import acts, adapter, budget, experts, finetune
 from gsq.errors import InputError
 
 HEADROOM = 0.9  # usable fraction of each memory (allocator, CUDA context, fragmentation)
@@ -158,8 +161,10 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
     sensitivity_windows = min(cfg.sensitivity_windows, cfg.num_samples) if cfg.bits_budget or cfg.target_size else 0
     if sensitivity_windows:
         block = min(acts.BLOCK, sensitivity_windows) * S * H * c
-        phases["sensitivity pass (a block through a layer; one window's logits; experts copied)"] = (
-            block * (PASS_ALLOWANCE + 2) + 3 * S * m["vocab"] * 4 + E * expert * c)
+        expert_tokens = IMBALANCE * sensitivity_windows * S * k / E  # routed to one expert, on average x IMBALANCE
+        phases["sensitivity pass (a block through a layer; one window's logits; experts copied; one expert's GPTQ)"] = (
+            block * (PASS_ALLOWANCE + 2) + 3 * S * m["vocab"] * 4 + E * expert * c
+            + 4 * (H * H + I * I) + 4 * (3 * H * H + 2 * H * I) + 4 * expert + 3 * expert_tokens * (H + I) * 4)
     layer, outside = m["layer_params"] * c, m["global_params"] * c
     items = {"Python, torch and their libraries (allowance)": (0, RUNTIME, 0),
              "embeddings, final norm, lm_head": (0, outside, 0) if s.cpu else (outside, 0, 0),
@@ -172,6 +177,8 @@ def figures(s: Setup, cfg, epb: int, placement: str) -> dict:
         models = 3 + -(-(len(budget.WIDTHS) - 1) * m["moe_layers"] // N)  # the original, the narrowest, one being
         items[f"sensitivity pass: {models} models' states, {sensitivity_windows} windows"] = (  # written, the share
             0, models * sensitivity_windows * S * H * c, 0)
+        items["sensitivity pass: a layer's routed tokens and its experts' 2-bit codes and scales"] = (
+            0, sensitivity_windows * S * (H * c + k * 12) + E * expert * (2 / 8 + 4 / cfg.group_size), 0)
     scratch = eval_windows * cfg.eval_seqlen * H * d  # the perplexity watch runs the rest of the model on a copy
     items["perplexity-watch copy of its windows"] = (scratch, 0, 0) if placement == "device" and not s.cpu \
         else (0, scratch, 0)
@@ -307,15 +314,18 @@ def sensitivity_cost(p: Plan, cfg) -> str:
     windows through the original and the narrowest model, and through each wider one from its MoE layer on (the
     MoE layers taken as the last ones), against the run's one forward over the calibration windows and GSQ's
     training (each step runs every expert forward and backward on its tokens: about 3 forwards of the MoE layers
-    per minibatch)."""
-    m, W = p.setup.model, min(cfg.sensitivity_windows, cfg.num_samples)
-    L, M = m["layers"], m["moe_layers"]
+    per minibatch); and in experts quantized by the run's init per rank: the narrowest model's share of every
+    layer, and whole layers of the rank's share of the wider models, against the run's own init."""
+    m, W, N = p.setup.model, min(cfg.sensitivity_windows, cfg.num_samples), p.setup.ranks
+    L, M, E = m["layers"], m["moe_layers"], m["experts"]
     sens = round(W * (2 * L + (len(budget.WIDTHS) - 1) * M * (M + 1) // 2) / L)
     run = cfg.num_samples + 3 * p.steps * cfg.batch_size
-    searches = 3 * M * m["experts"] * 3 * m["hidden"] * m["inter"] * cfg.scale_grid
+    own = M * -(-E // N)  # the run's init: every layer's share of the experts
+    inits = own + -(-(len(budget.WIDTHS) - 1) * M // N) * E
+    init = "GPTQ" if experts.uses_gptq(cfg) else "MSE-RTN"
     return (f"sensitivity pass: {W} windows x {cfg.seqlen} tokens, about {sens} window-passes of the model against "
-            f"the run's {run} ({100 * sens / run:.1f}%), split over the ranks, plus MSE-RTN of every expert at "
-            f"2, 3 and 4 bits ({searches:.2g} elementwise operations)")
+            f"the run's {run} ({100 * sens / run:.1f}%), split over the ranks; and {init} of {inits} experts per rank "
+            f"at 2, 3 or 4 bits, {inits / own:.1f}x the run's own init ({own})")
 
 
 def check(p: Plan):

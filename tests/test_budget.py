@@ -87,7 +87,8 @@ def test_each_sensitivity_is_the_kl_of_the_model_it_names(replica):
         hook.remove()
         tokens = budget.routed_tokens(model, layer, seen, torch.device("cpu"))
         for b in budget.WIDTHS:
-            budget.init_experts(layer, budget.at(cfg, {i: b}, i), originals, tokens, torch.device("cpu"), source.compute)
+            budget.init_experts(layer, budget.at(cfg, {i: b}, i), originals, tokens, torch.device("cpu"), source.compute,
+                                split=False)
             weights[i, b] = [tuple(w.clone() for w in adapter.expert_weights(layer, e)) for e in range(len(originals))]
         for e, ws in enumerate(weights[i, 2]):
             adapter.set_expert_weights(model.model.layers[i], e, *ws)

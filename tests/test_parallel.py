@@ -106,9 +106,9 @@ def test_groups_and_placement_do_not_change_the_bytes(single, tmp_path):
 
 
 def test_two_ranks_measure_a_budget_like_one(tmp_path):
-    """--bits-budget: each rank measures its share of the wider models; the gathered sensitivities and the
-    allocation are the single process's, to the bit."""
-    flags = ["--bits-budget", "2.625", "--method", "rtn", "--eval-every", "0"]
+    """--bits-budget: each rank measures its share of the wider models and GPTQs its share of every layer's
+    experts at 2 bits; the gathered sensitivities and the allocation are the single process's, to the bit."""
+    flags = ["--bits-budget", "2.625", "--method", "gptq", "--eval-every", "0"]
     for name, ranks in (("one", 1), ("two", 2)):
         proc = run("--out", str(tmp_path / name), *flags, ranks=ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -120,11 +120,19 @@ def test_kimi_with_a_bits_budget_plans_the_sensitivity_pass(kimi):
     # by hand: each rank carries the original, the narrowest, one being written and its share of the 120 wider
     # models (60 MoE layers x 3 and 4 bits, over 8 ranks: 15), 16 windows each in bf16
     assert by_name(plan["items"], "sensitivity pass: 18 models' states") == [0, 18 * W * S * H * 2, 0]
-    block = 4 * S * H * 2  # a block of windows through one layer, one window's logits of two models, the experts
-    phase = block * 12 + 3 * S * V * 4 + E * 3 * H * I * 2
+    block = 4 * S * H * 2  # a block of windows through one layer, one window's logits of two models, the experts,
+    tokens = 2 * W * S * 8 / E  # and one expert's GPTQ: its tokens (2x the mean), Hessians, workspace, weights
+    gptq = 4 * (H * H + I * I) + 4 * (3 * H * H + 2 * H * I) + 4 * 3 * H * I + 3 * tokens * (H + I) * 4
+    phase = block * 12 + 3 * S * V * 4 + E * 3 * H * I * 2 + gptq
     assert by_name(plan["items"], "sensitivity pass (")[0] == phase
+    # on the host: the layer's MoE inputs (bf16), router weights (fp32) and indices (int64) of the 8 experts each
+    # token goes to; the layer's experts at 2 bits with a float32 scale per 128 weights
+    assert by_name(plan["items"], "sensitivity pass: a layer's") == [0, W * S * (H * 2 + 8 * 12) + E * 3 * H * I * (2 / 8 + 4 / 128), 0]
     assert plan["fits"]  # the phases do not overlap: the GSQ training phase is still the largest
     text = dry_run(kimi, *flags).stdout
     # 16 x (2 x 61 + 2 x (60 + 59 + ... + 1)) / 61 layer-passes = 992 window-passes
     assert "sensitivity pass: 16 windows x 4096 tokens, about 992 window-passes of the model against the run's " \
            "126976 (0.8%), split over the ranks" in text
+    # GPTQ: each rank's 48 of the 384 experts of the 60 MoE layers (as the run's init does), and 15 whole layers (its
+    # share of the 120 wider models)
+    assert "GPTQ of 8640 experts per rank at 2, 3 or 4 bits, 3.0x the run's own init (2880)" in text
