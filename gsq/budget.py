@@ -35,7 +35,8 @@ from gsq import adapter, dist, experts, stream
 from gsq.acts import BLOCK
 from gsq.config import WIDTH_CHOICE
 from gsq.errors import InputError
-from gsq.export import packed
+from gsq.export import packed, unpacked
+from gsq.quantizer import dequant
 
 WIDTHS = (2, 3, 4)
 FILE = "gsq_bits.json"
@@ -230,8 +231,10 @@ def routed_tokens(model, layer, states: list, device) -> list:
 def init_experts(layer, cfg, originals: list, tokens: list, device, dtype, split: bool):
     """Every routed expert of the layer replaced by the run's init at cfg's width (GPTQ on its tokens among
     `tokens`, or MSE-RTN), made from `originals`, as the checkpoint would dequantize it (in `dtype`). With
-    `split`, each rank quantizes every world()-th expert and the ranks exchange the results."""
-    share = range(dist.rank(), len(originals), dist.world()) if split else range(len(originals))
+    `split`, each rank quantizes every world()-th expert and the ranks exchange the results in the
+    checkpoint's packed form."""
+    travel = split and dist.world() > 1
+    share = range(dist.rank(), len(originals), dist.world()) if travel else range(len(originals))
     done = {}
     for e in share:
         fp = tuple(w.to(device, torch.float32) for w in originals[e])
@@ -242,9 +245,11 @@ def init_experts(layer, cfg, originals: list, tokens: list, device, dtype, split
             g = torch.cat([g[tok, slot] for (_, g, _), (tok, slot) in zip(tokens, mine)]).to(device)
             H = experts.expert_hessian(x, g, fp, cfg)
         _, init = experts.init_expert(fp, H, cfg)
-        done[e] = [packed(q.codes, q.scales, experts.grid(cfg)) for q in init]
-    done = dist.gather(done) if split else done
-    experts.set_quantized(layer, [done[e] for e in range(len(originals))], dtype)
+        done[e] = [packed(q.codes, q.scales, experts.grid(cfg)) if travel else (q.codes, q.scales) for q in init]
+    if travel:
+        done = {e: [unpacked(p) for p in projs] for e, projs in dist.gather(done).items()}
+    for e in range(len(originals)):
+        adapter.set_expert_weights(layer, e, *(dequant(c, s).to(dtype) for c, s in done[e]))
 
 
 def sensitivity(source, ids: torch.Tensor, cfg) -> dict:
