@@ -5,7 +5,8 @@ independent and a setting is judged on the layer alone).
     python eval/layer_sweep.py --model models/tiny-deepseek-v3 --layers 1,5 --dataset CALIB --test-file TEST \
         --set base: --set steps800:min_steps=800 --set lr3e-4:lr_logits=3e-4 ...
 
-Each setting NAME:FIELD=VALUE,... overrides `--preset tiny` (tuples as a/b). The layer's experts are trained
+Each setting NAME:FIELD=VALUE,... overrides `--preset tiny` (tuples as a/b; `format=nvfp4` brings its 4-bit codes
+in groups of 16 and per-tensor global scales, as gsq.config resolves --format nvfp4). The layer's experts are trained
 as the pipeline trains them (GPTQ init with router-weighted Hessians, minibatches of --batch-size windows,
 every expert stepping on its routed tokens), then measured: the router-weighted relative output error
 (sum g^2 |f_q(x) - f(x)|^2 / sum g^2 |f(x)|^2, averaged over experts) of the init and of GSQ, on the training
@@ -25,11 +26,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gsq import adapter, gptq, quantizer  # noqa: E402
+from gsq import adapter, quantizer  # noqa: E402
 from gsq.calib import calibration_ids  # noqa: E402
 from gsq.config import PRESETS, Config  # noqa: E402
 from gsq.eval import eval_windows, wikitext_rows  # noqa: E402
-from gsq.experts import init_expert  # noqa: E402
+from gsq.gptq import NVFP4_GROUP  # noqa: E402
+from gsq.experts import global_scales, grid, init_expert  # noqa: E402
 
 
 def moe_inputs(model, ids: torch.Tensor, layers: list) -> dict:
@@ -80,8 +82,10 @@ def sweep_layer(layer, X: torch.Tensor, X_test: torch.Tensor, seqlen: int, cfg: 
                        for _ in range(-(-steps * cfg.batch_size // n_windows))])
     module = quantizer.ExpertLogits([torch.stack([init[e][p].codes for e in range(E)]) for p in range(3)],
                                     [torch.stack([init[e][p].scales for e in range(E)]) for p in range(3)],
-                                    gptq.Grid(cfg.bits), cfg.init_sigma, cfg.init_alpha,
-                                    [(cfg.seed, 0, e) for e in range(E)])
+                                    grid(cfg), cfg.init_sigma, cfg.init_alpha,
+                                    [(cfg.seed, 0, e) for e in range(E)],
+                                    global_scales=[torch.stack([global_scales(fp[e], cfg)[p] for e in range(E)])
+                                                   for p in range(3)] if cfg.format == "nvfp4" else None)
     opt = quantizer.optimizer(module, cfg)
     weights = tuple(torch.stack([fp[e][p] for e in range(E)]).to(torch.bfloat16) for p in range(3))
     window_of = [token // seqlen for token, _ in train]
@@ -113,6 +117,8 @@ def setting(spec: str, base: Config) -> tuple:
         key, value = item.split("=")
         kind = type(fields[key].default)
         over[key] = tuple(float(v) for v in value.split("/")) if kind is tuple else kind(value)
+    if over.get("format") == "nvfp4":
+        over = {"bits": 4, "group_size": NVFP4_GROUP, **over}  # as gsq.config resolves --format nvfp4
     return name, dataclasses.replace(base, **over)
 
 
