@@ -88,9 +88,11 @@ def write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """Ctrl-C or SIGTERM, raised where the process is (for both, gsq's own exception rather than
-    KeyboardInterrupt, which Python turns into death by SIGINT at exit)."""
+    KeyboardInterrupt, which Python turns into death by SIGINT at exit). A BaseException, as KeyboardInterrupt
+    is: a library's `except Exception` (torch's load_state_dict, a reader's error wrapper) must not turn the
+    signal into an error of its own."""
 
     def __init__(self, signum):
         super().__init__(signum)

@@ -293,6 +293,33 @@ def test_sigterm_says_how_to_continue_and_that_resumes_to_the_same_bytes(quantiz
     assert digest(out) == digest(quantized)
 
 
+def test_a_signal_inside_a_library_call_still_says_how_to_continue(tmp_path):
+    """SIGTERM landing inside torch's load_state_dict (which wraps any Exception in a RuntimeError of its own,
+    as it did once in CI while a layer streamed in) still ends in the one stop line and exit status 143."""
+    script = """
+import os, signal, sys, torch
+from gsq.errors import run_cli
+
+class Signalled(torch.Tensor):  # copying it into a parameter sends this process SIGTERM
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside load_state_dict's copy
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+def main(argv):
+    torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(2, 2).as_subclass(Signalled), "bias": torch.zeros(2)})
+
+run_cli(main, ["--out", sys.argv[1]])
+"""
+    (tmp_path / "q.partial").mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: stopped by SIGTERM: the finished layers are kept in {tmp_path / 'q.partial'}; continue with: ")
+
+
 def tree_digest(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
